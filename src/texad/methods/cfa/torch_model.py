@@ -1,0 +1,134 @@
+"""CFA and Sp-CFA as one pure torch model: a frozen backbone and one CFA head per view.
+
+View "org" is the image itself; "small" and "big" are superpixel mosaics of it (Sp-CFA). CFA is the
+special case with only the "org" view. Each view has its own descriptor, memory bank and loss; the
+anomaly maps of the views are mapped back to image coordinates and fused with weights α.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from texad.backbones import FeatureExtractor, local_average_and_concat
+from texad.methods.cfa.descriptor import CoordConvDescriptor
+from texad.methods.cfa.loss import CoupledHypersphereLoss
+from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
+from texad.methods.cfa.scorer import softmin_nearest_score
+from texad.ops import gaussian_blur2d
+
+VIEWS = ("org", "small", "big")
+
+
+class CFAHead(nn.Module):
+    """Descriptor + memory bank + loss for one view."""
+
+    def __init__(
+        self, in_channels: int, gamma_d: int, k: int, j: int, r0: float, alpha: float, nu: float, budget_mb: float
+    ) -> None:
+        super().__init__()
+        self.descriptor = CoordConvDescriptor(in_channels, max(1, in_channels // gamma_d))
+        self.bank = MemoryBank()
+        self.loss_fn = CoupledHypersphereLoss(k=k, j=j, r0=r0, alpha=alpha, nu=nu)
+        self.k, self.j, self.budget_mb = k, j, budget_mb
+
+    def _patches(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        phi = self.descriptor(features)
+        b, d, h, w = phi.shape
+        return phi.permute(0, 2, 3, 1).reshape(-1, d), (b, h, w)
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        patches, _ = self._patches(features)
+        sq, _ = nearest_sq_distances(patches, self.bank.centroids, self.k + self.j, self.budget_mb)
+        return self.loss_fn(sq)
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """(B,h,w) softmin-weighted nearest-centroid distance at feature resolution."""
+        patches, (b, h, w) = self._patches(features)
+        sq, _ = nearest_sq_distances(patches, self.bank.centroids, self.k, self.budget_mb)
+        return softmin_nearest_score(sq).view(b, h, w)
+
+
+class CFAModel(nn.Module):
+    """Images (and their superpixel mosaics) → per-view and fused anomaly maps at input size."""
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor,
+        region_sizes: Sequence[int | None] = (None, None),
+        alpha: Sequence[float] = (1.0, 0.0, 0.0),
+        loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        k: int = 3,
+        j: int = 3,
+        r0: float = 1e-5,
+        loss_alpha: float = 0.1,
+        nu: float = 1e-3,
+        gamma_d: int = 1,
+        pool: int = 3,
+        blur_sigma: float = 4.0,
+        distance_budget_mb: float = 256.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool, self.blur_sigma = pool, blur_sigma
+        self.region_sizes = {"small": region_sizes[0], "big": region_sizes[1]}
+        self.view_names = ["org"] + [v for v in ("small", "big") if self.region_sizes[v] is not None]
+        self.alpha = dict(zip(VIEWS, (float(a) for a in alpha)))
+        self.loss_weights = dict(zip(VIEWS, (float(w) for w in loss_weights)))
+        in_ch = sum(backbone.channels)
+        self.heads = nn.ModuleDict(
+            {v: CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb) for v in self.view_names}
+        )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return local_average_and_concat(self.backbone(images), self.pool)
+
+    def view_features(self, images: torch.Tensor, mosaics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Frozen features of every active view; mosaics maps view name → (B,3,H,W) mosaic images."""
+        out = {"org": self.features(images)}
+        for v in self.view_names[1:]:
+            out[v] = self.features(mosaics[v])
+        return out
+
+    def loss(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {v: self.heads[v].loss(feats[v]) for v in self.view_names}
+        return sum(self.loss_weights[v] * parts[v] for v in self.view_names), parts
+
+    def view_maps(
+        self,
+        feats: dict[str, torch.Tensor],
+        size: tuple[int, int],
+        superpixels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unsmoothed per-view maps (B,H,W) in image coordinates (mosaic views mapped back)."""
+        maps = {}
+        for i, v in enumerate(self.view_names):
+            s = self.heads[v].score(feats[v])
+            s = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            if v != "org":
+                from texad.methods.superpixels import inverse_mosaic
+
+                s = inverse_mosaic(s, superpixels[:, i - 1])
+            maps[v] = s
+        return maps
+
+    def fuse(self, maps: dict[str, torch.Tensor], alpha: dict[str, float] | None = None) -> torch.Tensor:
+        """α-weighted sum of the per-view maps, then the Gaussian blur (linear, so order is free)."""
+        alpha = alpha or self.alpha
+        fused = sum(alpha.get(v, 0.0) * m for v, m in maps.items())
+        return gaussian_blur2d(fused, self.blur_sigma)
+
+    def build_bank_step(self, feats: dict[str, torch.Tensor]) -> None:
+        for v in self.view_names:
+            self.heads[v].bank.accumulate(feats[v])
+
+    def finalize_banks(self, gamma_c: int, seed: int) -> None:
+        for v in self.view_names:
+            self.heads[v].bank.finalize(self.heads[v].descriptor, gamma_c, seed)
+
+    @property
+    def banks_built(self) -> bool:
+        return all(self.heads[v].bank.is_built for v in self.view_names)

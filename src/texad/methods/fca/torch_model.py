@@ -1,0 +1,257 @@
+"""Feature Correspondence Analysis (FCA): zero-shot texture anomaly maps from one image.
+
+FCA asks, for every t×t patch and every channel, how each patch element's value differs from the
+element of equal rank in a reference distribution of the whole image (its share of the 1-D
+Wasserstein distance). Shares are averaged over channels, blurred inside the patch, weighted by a
+Gaussian centred on the patch, and summed over all patches that contain a pixel.
+
+Follows the official code (TArdelean/AnomalyLocalizationFCA, ``sc_methods.ScFCA``); see
+``shared/reference/fca-blind.md``. Deliberate differences, none of which changes a score:
+
+* **Ranks by counting instead of sorting.** The official code sorts every (patch, channel) and
+  inverts the permutation. A pixel's rank in a patch is the number of patch elements below it, and
+  the patches containing a pixel all lie in its (2t−1)² neighbourhood, so one set of (2t−1)²
+  comparisons per pixel and channel, plus box sums, gives its rank in all t² patches at once. This is
+  several times faster than ``torch.sort`` on CPU and needs one byte per count. Ties are broken by
+  position (row-major inside the patch), i.e. a *stable* sort; the official unstable sort leaves
+  tied elements (e.g. ReLU zeros) in an arbitrary order.
+* **Blur and Gaussian weight as one t²×t² matrix** applied to all patches (the same linear map as
+  torchvision's reflect-padded ``GaussianBlur`` followed by the weight).
+* ``stride`` > 1 is supported (patches start every ``stride`` pixels; the official code is stride 1).
+* ``reference="random"`` draws from a seeded generator and may use the last tile position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from texad.errors import TexadError
+
+__all__ = ["FCA", "scale_features_minmax", "gaussian_kernel_1d", "patch_reference"]
+
+
+def scale_features_minmax(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min–max scale each channel of each image to [0, 1], as the official code does before FCA."""
+    flat = features.flatten(start_dim=2)
+    low = flat.min(dim=-1).values[..., None, None]
+    high = flat.max(dim=-1).values[..., None, None]
+    return (features - low) / (high - low + eps)
+
+
+def gaussian_kernel_1d(size: int, sigma: float, dtype=torch.float64) -> torch.Tensor:
+    """Sampled Gaussian over ``size`` taps centred on the middle one, normalised to sum 1."""
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def patch_reference(features: torch.Tensor, patch_size: int, kind: str = "median",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sorted reference distribution per channel, (C, t²), for one image (C, H, W).
+
+    ``median``: split the map into non-overlapping t×t tiles (the remainder at the right and bottom
+    is dropped), sort each tile per channel and take the median over tiles at each rank (the lower
+    median for an even tile count, as ``torch.median``). ``random``: the sorted values of one tile
+    at a random position.
+    """
+    c, h, w = features.shape
+    t = patch_size
+    if kind == "median":
+        nh, nw = h // t, w // t
+        tiles = features[:, : nh * t, : nw * t].reshape(c, nh, t, nw, t)
+        tiles = tiles.permute(0, 1, 3, 2, 4).reshape(c, nh * nw, t * t)
+        return tiles.sort(dim=-1).values.median(dim=1).values
+    if kind == "random":
+        y0 = int(torch.randint(0, h - t + 1, (1,), generator=generator))
+        x0 = int(torch.randint(0, w - t + 1, (1,), generator=generator))
+        tile = features[:, y0:y0 + t, x0:x0 + t].reshape(c, t * t)
+        return tile.sort(dim=-1).values
+    raise TexadError(f"FCA reference must be 'median' or 'random', got {kind!r}")
+
+
+def _patch_blur_matrix(patch_size: int, blur_kernel: int | None, sigma_s: float | None) -> torch.Tensor:
+    """t²×t² matrix of a reflect-padded Gaussian blur on a t×t patch (identity when off)."""
+    n = patch_size * patch_size
+    if not blur_kernel or blur_kernel <= 1 or sigma_s is None:
+        return torch.eye(n, dtype=torch.float64)
+    k1 = gaussian_kernel_1d(blur_kernel, sigma_s)
+    kernel = torch.outer(k1, k1)[None, None]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, patch_size, patch_size)
+    r = blur_kernel // 2
+    blurred = F.conv2d(F.pad(basis, (r, r, r, r), mode="reflect"), kernel)
+    # Column k is the blurred image of basis pixel k: out = B @ patch.
+    return blurred.reshape(n, n).T.contiguous()
+
+
+class FCA(nn.Module):
+    """Zero-shot anomaly map (B, h, w) at feature resolution from a feature map (B, C, h, w).
+
+    Args:
+        patch_size: t, odd; the patch and reference tile side.
+        stride: distance between patch starts (1 = every pixel is a patch centre).
+        sigma_p: σ of the normalised Gaussian weight centred on each patch.
+        blur_kernel, sigma_s: Gaussian blur of the per-patch share map (None or σ None: no blur).
+        reference: ``"median"`` (rank-wise median over tiles) or ``"random"`` (one tile, ``seed``).
+        chunk_rows: padded rows processed at once; peak memory grows linearly with it
+            (about (2t−1)·t·C·chunk_rows·(w+t) bytes of counts, 10 MB per row at C=512, w=128).
+        normalize: ``"minmax"`` scales each channel of each image to [0, 1] first; None leaves the
+            features as they are (for VAE residuals, as the official blind code does).
+        seed: seed of the random reference.
+
+    Higher is more anomalous. Not differentiable (ranks); runs under ``torch.no_grad``.
+    """
+
+    def __init__(self, patch_size: int = 9, stride: int = 1, sigma_p: float = 3.0, blur_kernel: int | None = 5,
+                 sigma_s: float | None = 1.0, reference: str = "median", chunk_rows: int = 8,
+                 normalize: str | None = "minmax", seed: int = 0):
+        super().__init__()
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise TexadError(f"FCA patch_size must be a positive odd integer, got {patch_size}")
+        if stride <= 0:
+            raise TexadError(f"FCA stride must be positive, got {stride}")
+        if blur_kernel and blur_kernel > 1 and sigma_s is not None:
+            if blur_kernel % 2 == 0:
+                raise TexadError(f"FCA blur_kernel must be odd, got {blur_kernel}")
+            if blur_kernel // 2 >= patch_size:
+                raise TexadError(f"FCA blur_kernel {blur_kernel} is too large for patch_size {patch_size} "
+                                 f"(reflect padding needs blur_kernel // 2 < patch_size)")
+        if reference not in ("median", "random"):
+            raise TexadError(f"FCA reference must be 'median' or 'random', got {reference!r}")
+        if normalize not in ("minmax", None):
+            raise TexadError(f"FCA normalize must be 'minmax' or None, got {normalize!r}")
+        if chunk_rows <= 0:
+            raise TexadError(f"FCA chunk_rows must be positive, got {chunk_rows}")
+        self.patch_size = patch_size
+        self.stride = stride
+        self.sigma_p = sigma_p
+        self.blur_kernel = blur_kernel
+        self.sigma_s = sigma_s
+        self.reference = reference
+        self.chunk_rows = chunk_rows
+        self.normalize = normalize
+        self.seed = seed
+        g = gaussian_kernel_1d(patch_size, sigma_p)
+        weight = torch.outer(g, g).reshape(-1)
+        # Blur inside the patch, then weight by the Gaussian: one linear map per patch.
+        patch_map = weight[:, None] * _patch_blur_matrix(patch_size, blur_kernel, sigma_s)
+        self.register_buffer("patch_map", patch_map, persistent=False)  # float64; cast per call
+
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, stride={self.stride}, sigma_p={self.sigma_p}, "
+                f"blur_kernel={self.blur_kernel}, sigma_s={self.sigma_s}, reference={self.reference!r}, "
+                f"chunk_rows={self.chunk_rows}, normalize={self.normalize!r}")
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 4:
+            raise TexadError(f"FCA expects features of shape (B, C, h, w), got {tuple(features.shape)}")
+        h, w = features.shape[-2:]
+        if self.patch_size > min(h, w):
+            raise TexadError(f"FCA patch_size {self.patch_size} is larger than the feature map {h}x{w}")
+        if not features.is_floating_point() or features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()
+        if self.normalize == "minmax":
+            features = scale_features_minmax(features)
+        generator = torch.Generator().manual_seed(self.seed) if self.reference == "random" else None
+        return torch.stack([self._score_image(f, generator) for f in features])
+
+    def _score_image(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(C, H, W) -> (H, W)."""
+        t, s = self.patch_size, self.stride
+        pad = t // 2
+        _, h, w = x.shape
+        reference = patch_reference(x, t, self.reference, generator)  # (C, t²), sorted
+        padded = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0]
+        wp = padded.shape[-1]
+        # shares[k, y, x]: channel-mean share of padded pixel (y, x) in the patch where it sits at
+        # in-patch position k = i*t + j, i.e. the patch starting at (y - i, x - j).
+        shares = self._pixel_shares(padded, reference)
+        hs = shares.shape[1]  # >= padded height: whole chunks
+        # Gather each patch's t×t share map: patch (a, b), position (i, j) -> shares[i*t+j, a+i, b+j].
+        n_y, n_x = (h - 1) // s + 1, (w - 1) // s + 1
+        per_patch = shares.as_strided(
+            (t, t, n_y, n_x), (t * hs * wp + wp, hs * wp + 1, s * wp, s)).reshape(t * t, n_y * n_x)
+        weighted = self.patch_map.to(per_patch) @ per_patch  # blur + Gaussian weight, (t², L)
+        folded = F.fold(weighted[None], output_size=padded.shape[-2:], kernel_size=t, stride=s)
+        return folded[0, 0, pad:pad + h, pad:pad + w]
+
+    def _pixel_shares(self, padded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """(t², Hp', Wp) with Hp' >= Hp: channel-mean share of every padded pixel at every in-patch
+        position, computed chunk_rows rows at a time into buffers allocated once (fresh large
+        allocations page-fault on every call and cost more than the arithmetic on CPU)."""
+        c, hp, wp = padded.shape
+        t, rows = self.patch_size, min(self.chunk_rows, hp)
+        m = t - 1
+        n_chunks = -(-hp // rows)
+        # A margin lets every pixel look at its full (2t-1)² neighbourhood and makes every chunk
+        # full height. Values read there only feed (pixel, position) pairs whose patch would leave
+        # the padded map, or rows past Hp; neither is ever gathered.
+        extended = F.pad(padded, (m, m, m, m + n_chunks * rows - hp))
+        row_stride = extended.stride(1)
+        count_dtype = torch.uint8 if t * t <= 256 else torch.int32
+        device = padded.device
+        below = torch.empty((2 * m + 1, 2 * m + 1, c, rows, wp), dtype=torch.bool, device=device)
+        counts = below.view(torch.uint8) if count_dtype == torch.uint8 else torch.empty_like(below, dtype=count_dtype)
+        row_counts = torch.empty((2 * m + 1, t, c, rows, wp), dtype=count_dtype, device=device)
+        ranks = torch.empty((t, t, c, rows, wp), dtype=count_dtype, device=device)
+        index = torch.empty((t, c, rows, wp), dtype=torch.int64, device=device)
+        values = torch.empty((t, c, rows, wp), dtype=padded.dtype, device=device)
+        channel_sum = torch.empty((t, rows, wp), dtype=padded.dtype, device=device)
+        flat_reference = reference.reshape(-1).contiguous()
+        channel_offset = (torch.arange(c, device=device) * (t * t)).view(1, c, 1, 1)
+        shares = padded.new_empty(t * t, n_chunks * rows, wp)
+        for r0 in range(0, n_chunks * rows, rows):
+            centre = extended[:, m + r0:m + r0 + rows, m:m + wp]
+            # neighbours[a, b] = the map shifted by (a - m, b - m), for all (2t-1)² offsets at once.
+            neighbours = extended.as_strided((2 * m + 1, 2 * m + 1, c, rows, wp),
+                                             (row_stride, 1, extended.stride(0), row_stride, 1),
+                                             extended.storage_offset() + r0 * row_stride)
+            self._compare(neighbours, centre, below)
+            if count_dtype != torch.uint8:
+                counts.copy_(below)
+            self._window_sums(counts, t, dim=1, out=row_counts)  # over column offsets
+            self._window_sums(row_counts, t, dim=0, out=ranks)  # then over row offsets
+            for i in range(t):  # one in-patch row at a time keeps the gather buffers small
+                index.copy_(ranks[i]).add_(channel_offset)
+                torch.take(flat_reference, index, out=values)
+                values.sub_(centre).abs_()
+                torch.sum(values, dim=1, out=channel_sum)
+                shares[i * t:(i + 1) * t, r0:r0 + rows] = channel_sum
+        return shares.div_(c)
+
+    @staticmethod
+    def _compare(neighbours: torch.Tensor, centre: torch.Tensor, below: torch.Tensor) -> None:
+        """below[a, b] = neighbour at offset (a-m, b-m) comes before the centre in a stable sort.
+
+        A neighbour comes first if it is smaller, or equal and earlier in row-major patch order
+        (a lexicographically negative offset), so ranks match a stable sort of the patch.
+        """
+        m = neighbours.shape[0] // 2
+        torch.le(neighbours[:m], centre, out=below[:m])
+        torch.le(neighbours[m, :m], centre, out=below[m, :m])
+        torch.lt(neighbours[m, m:], centre, out=below[m, m:])
+        torch.lt(neighbours[m + 1:], centre, out=below[m + 1:])
+
+    @staticmethod
+    def _window_sums(planes: torch.Tensor, t: int, dim: int, out: torch.Tensor) -> torch.Tensor:
+        """out[..., j, ...] = sum of planes[..., t-1-j : 2t-1-j, ...] along ``dim`` (size 2t-1).
+
+        In-patch position j sees offsets -j .. t-1-j, i.e. planes t-1-j .. 2t-2-j. Sliding sums
+        in integer arithmetic: uint8 may wrap in between but every final sum is < t² <= 256.
+        """
+        m = t - 1
+        plane = planes.select(dim, m)
+        acc = out.select(dim, 0)
+        acc.copy_(plane)
+        for k in range(m + 1, 2 * m + 1):
+            acc += planes.select(dim, k)
+        for j in range(1, t):
+            nxt = out.select(dim, j)
+            torch.add(acc, planes.select(dim, m - j), out=nxt)
+            nxt -= planes.select(dim, 2 * m - j + 1)
+            acc = nxt
+        return out

@@ -1,0 +1,379 @@
+"""Superpixel views for Sp-CFA: SLIC labels, the tile mosaic, and its inverse.
+
+The pre-processing unit of Sp-CFA cuts each image into SLIC superpixels, resizes the bounding
+rectangle of every superpixel (bicubic) to a square tile, and lays the tiles out row by row in an
+image of the original size; unused space stays zero. The post-processing unit undoes this on the
+score map: each original pixel reads the tile of its own superpixel at the place the forward
+resize put it.
+
+Tiling rule (square and non-square images alike): tiles are square with side ``s``, the largest
+integer for which ``(H // s) * (W // s) >= n`` (n = number of superpixels). Tiles fill
+``W // s`` columns per row, left to right, top to bottom; superpixel ``i`` takes slot ``i``.
+What the grid leaves free (the right and bottom strips, and the slots after the last tile) is zero.
+Since ``n <= H * W``, ``s >= 1`` always, so every superpixel gets a tile. The rule lives in
+:func:`tile_grid` and both the numpy mosaic and the torch inverse call it.
+
+SLIC and :func:`build_mosaic` use numpy and OpenCV only, so they run in DataLoader workers;
+:func:`inverse_mosaic` is batched torch on any device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from texad.errors import TexadError
+
+__all__ = [
+    "MosaicLayout",
+    "SuperpixelCache",
+    "build_mosaic",
+    "inverse_mosaic",
+    "mosaic_layout",
+    "slic_labels",
+    "tile_grid",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# SLIC
+# --------------------------------------------------------------------------------------------
+
+
+def _check_uint8_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise TexadError(f"SLIC expects a numpy array, got {type(image).__name__}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise TexadError(
+            f"SLIC expects a (H,W) grayscale or (H,W,3) RGB image, got shape {image.shape}"
+        )
+    if image.dtype != np.uint8:
+        raise TexadError(f"SLIC expects a uint8 image, got dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise TexadError(f"SLIC got an empty image of shape {image.shape}")
+    return image
+
+
+def slic_labels(
+    image: np.ndarray,
+    region_size: int,
+    ruler: float = 10.0,
+    iterations: int = 10,
+    min_element_size: int | None = 25,
+) -> np.ndarray:
+    """OpenCV SLIC superpixels of one image as contiguous int32 labels 0..n-1, shape (H, W).
+
+    RGB images are clustered in CIELAB (OpenCV's SLIC measures colour distance as plain
+    Euclidean distance, which is only perceptual in LAB); grayscale is used as is.
+    ``min_element_size`` (percent of the region size, OpenCV's default 25) calls
+    ``enforceLabelConnectivity``: without it OpenCV SLIC leaves many stray fragments per label,
+    whose bounding rectangles then span much of the image and blur the mosaic tiles. Pass None
+    to skip it. The label count is only known after SLIC, hence the per-image tile geometry.
+    """
+    image = _check_uint8_image(image)
+    height, width = image.shape[:2]
+    if isinstance(region_size, bool) or not isinstance(region_size, (int, np.integer)):
+        raise TexadError(f"SLIC region_size must be an int, got {region_size!r}")
+    if region_size <= 0 or region_size > min(height, width):
+        raise TexadError(
+            f"SLIC region_size={region_size} must be in 1..{min(height, width)} "
+            f"for an image of size {height}x{width} (HxW)"
+        )
+    if iterations < 1:
+        raise TexadError(f"SLIC iterations={iterations} must be >= 1")
+    if ruler <= 0:
+        raise TexadError(f"SLIC ruler={ruler} must be > 0")
+
+    features = cv2.cvtColor(image, cv2.COLOR_RGB2LAB) if image.ndim == 3 else image
+    slic = cv2.ximgproc.createSuperpixelSLIC(
+        np.ascontiguousarray(features),
+        algorithm=cv2.ximgproc.SLIC,
+        region_size=int(region_size),
+        ruler=float(ruler),
+    )
+    slic.iterate(int(iterations))
+    if min_element_size is not None:
+        slic.enforceLabelConnectivity(int(min_element_size))
+    labels = slic.getLabels()
+    # OpenCV may leave unused label ids; the mosaic needs one slot per present label.
+    _, contiguous = np.unique(labels, return_inverse=True)
+    return contiguous.reshape(height, width).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile geometry (shared by the numpy mosaic and the torch inverse)
+# --------------------------------------------------------------------------------------------
+
+
+def tile_grid(height: int, width: int, count: int) -> tuple[int, int]:
+    """(tile side, tiles per row) for ``count`` square tiles in a height x width image.
+
+    The side is the largest that still fits all tiles, so small superpixel counts get big tiles.
+    """
+    if count < 1 or count > height * width:
+        raise TexadError(
+            f"cannot tile {count} superpixels into an image of size {height}x{width}"
+        )
+    side = min(math.isqrt(height * width // count), height, width)
+    while (height // side) * (width // side) < count:
+        side -= 1
+    return side, width // side
+
+
+@dataclass(frozen=True)
+class MosaicLayout:
+    """Where each superpixel comes from and where its tile goes.
+
+    ``rects[i] = (y0, x0, h, w)`` is the bounding rectangle of superpixel i in the image;
+    ``tiles[i] = (ty, tx)`` is the top-left corner of its ``tile_side`` square in the mosaic.
+    """
+
+    height: int
+    width: int
+    tile_side: int
+    columns: int
+    rects: np.ndarray
+    tiles: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.rects)
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.size == 0:
+        shape = getattr(labels, "shape", None)
+        raise TexadError(f"superpixel labels must be a non-empty (H,W) array, got shape {shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TexadError(f"superpixel labels must be integers, got dtype {labels.dtype}")
+    return labels
+
+
+def mosaic_layout(labels: np.ndarray) -> MosaicLayout:
+    """Bounding rectangles and tile slots of contiguous labels 0..n-1 (as from slic_labels)."""
+    labels = _check_labels(labels)
+    height, width = labels.shape
+    flat = labels.ravel().astype(np.int64)
+    if flat.min() < 0:
+        raise TexadError(f"superpixel labels must be >= 0, got minimum {flat.min()}")
+    count = int(flat.max()) + 1
+    sizes = np.bincount(flat, minlength=count)
+    if (sizes == 0).any():
+        missing = np.flatnonzero(sizes == 0)[:5].tolist()
+        raise TexadError(
+            f"superpixel labels must be contiguous 0..{count - 1}; missing e.g. {missing}"
+        )
+
+    # Group pixel coordinates by label, then reduce each group to its min / max.
+    order = np.argsort(flat, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    ys, xs = np.divmod(order, width)
+    y0 = np.minimum.reduceat(ys, starts)
+    y1 = np.maximum.reduceat(ys, starts)
+    x0 = np.minimum.reduceat(xs, starts)
+    x1 = np.maximum.reduceat(xs, starts)
+    rects = np.stack([y0, x0, y1 - y0 + 1, x1 - x0 + 1], axis=1).astype(np.int64)
+
+    side, columns = tile_grid(height, width, count)
+    slot = np.arange(count)
+    tiles = np.stack([(slot // columns) * side, (slot % columns) * side], axis=1)
+    return MosaicLayout(height, width, side, columns, rects, tiles.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: image -> mosaic
+# --------------------------------------------------------------------------------------------
+
+
+def build_mosaic(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The superpixel view of ``image``: each superpixel's rectangle, bicubic-resized to its tile.
+
+    ``image`` is (H,W) or (H,W,C), uint8 / float32 / float64; the mosaic has the same shape and
+    dtype, zero where no tile lies. Bicubic overshoot is clipped to 0..255 for uint8 by OpenCV.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
+        shape = getattr(image, "shape", None)
+        raise TexadError(f"build_mosaic expects a (H,W) or (H,W,C) image, got shape {shape}")
+    if image.dtype not in (np.uint8, np.float32, np.float64):
+        raise TexadError(f"build_mosaic expects uint8 or float images, got dtype {image.dtype}")
+    labels = _check_labels(labels)
+    if labels.shape != image.shape[:2]:
+        raise TexadError(
+            f"labels shape {labels.shape} does not match image size {image.shape[:2]}"
+        )
+    layout = mosaic_layout(labels)
+    side = layout.tile_side
+    mosaic = np.zeros_like(image)
+    for (y0, x0, h, w), (ty, tx) in zip(layout.rects.tolist(), layout.tiles.tolist()):
+        rect = image[y0 : y0 + h, x0 : x0 + w]
+        tile = cv2.resize(rect, (side, side), interpolation=cv2.INTER_CUBIC)
+        target = mosaic[ty : ty + side, tx : tx + side]
+        target[...] = tile.reshape(target.shape)  # cv2 drops a single channel axis
+    return mosaic
+
+
+# --------------------------------------------------------------------------------------------
+# Inverse: score map on the mosaic -> score map on the image
+# --------------------------------------------------------------------------------------------
+
+
+def inverse_mosaic(mosaic_map: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bring a map computed on the mosaic back to original image coordinates.
+
+    ``mosaic_map`` is (B,H,W) or (B,C,H,W) float, ``labels`` (B,H,W) contiguous per image.
+    Every pixel (y, x) of superpixel i reads tile i where the forward resize put it: with
+    rectangle (y0, x0, h, w) and tile side s, inside-tile column ``(x - x0 + 0.5) * s / w - 0.5``
+    (the half-pixel convention of cv2.resize), clamped to the tile so neighbours never bleed in,
+    sampled bilinearly. This is "resize tile back to rectangle, keep the superpixel's pixels,
+    paste", done for all superpixels and images in one grid_sample.
+    """
+    if mosaic_map.ndim not in (3, 4):
+        shape = tuple(mosaic_map.shape)
+        raise TexadError(f"mosaic_map must be (B,H,W) or (B,C,H,W), got {shape}")
+    squeeze = mosaic_map.ndim == 3
+    maps = mosaic_map.unsqueeze(1) if squeeze else mosaic_map
+    batch, _, height, width = maps.shape
+    if labels.shape != (batch, height, width):
+        raise TexadError(
+            f"labels shape {tuple(labels.shape)} does not match map shape {tuple(mosaic_map.shape)}"
+        )
+    result_dtype = mosaic_map.dtype if mosaic_map.is_floating_point() else torch.float32
+    # Sample in float32 at least: half-precision grid coordinates are off by ~0.25 px at 1024 px.
+    coord_dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    maps = maps.to(coord_dtype)
+    device = maps.device
+
+    labels = labels.to(device=device, dtype=torch.int64).reshape(batch, -1)
+    counts = (labels.amax(dim=1) + 1).tolist()
+    grids = [tile_grid(height, width, int(n)) for n in counts]
+
+    # Batch-global superpixel ids so one scatter and one gather cover all images.
+    offsets = torch.tensor([0] + counts[:-1], device=device, dtype=torch.int64).cumsum(0)
+    ids = (labels + offsets[:, None]).reshape(-1)
+    total = int(sum(counts))
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    pixel_yx = torch.stack([ys, xs], dim=1).repeat(batch, 1)  # (B*H*W, 2)
+
+    # Per superpixel: bounding rectangle (min / max of its pixel coordinates) ...
+    index = ids[:, None].expand(-1, 2)
+    low = torch.full((total, 2), max(height, width), device=device, dtype=torch.int64)
+    low = low.scatter_reduce(0, index, pixel_yx, reduce="amin")
+    high = torch.full((total, 2), -1, device=device, dtype=torch.int64)
+    high = high.scatter_reduce(0, index, pixel_yx, reduce="amax")
+    rect_size = high - low + 1
+    # ... and its tile: slot i of a row-major grid of `columns` tiles per row (tile_grid).
+    per_image = torch.tensor(counts, device=device)
+    side = torch.tensor([g[0] for g in grids], device=device).repeat_interleave(per_image)
+    columns = torch.tensor([g[1] for g in grids], device=device).repeat_interleave(per_image)
+    slot = torch.arange(total, device=device) - offsets.repeat_interleave(per_image)
+    tile_yx = torch.stack([slot // columns, slot % columns], dim=1) * side[:, None]
+
+    side_f = side.to(coord_dtype)[:, None]
+    scale = side_f / rect_size.to(coord_dtype)
+    table = torch.cat([low.to(coord_dtype), scale, tile_yx.to(coord_dtype), side_f - 1], dim=1)
+    # One gather: each pixel gets y0, x0, scale_y, scale_x, tile_y, tile_x, side-1 of its label.
+    table = table[ids]
+
+    # cv2.resize half-pixel convention, clamped inside the tile so neighbours never bleed in.
+    in_tile = (pixel_yx.to(coord_dtype) - table[:, 0:2] + 0.5) * table[:, 2:4] - 0.5
+    in_tile = torch.minimum(in_tile.clamp_min(0.0), table[:, 6:7])
+    mosaic_yx = table[:, 4:6] + in_tile
+    # Mosaic pixel coordinates -> grid_sample's [-1, 1] (align_corners=False: pixel centres).
+    extent = torch.tensor([height, width], device=device, dtype=coord_dtype)
+    grid_yx = (mosaic_yx + 0.5) * (2.0 / extent) - 1.0
+    grid = grid_yx.flip(1).reshape(batch, height, width, 2)
+
+    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.to(result_dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+# --------------------------------------------------------------------------------------------
+# Disk cache for labels
+# --------------------------------------------------------------------------------------------
+
+
+class SuperpixelCache:
+    """SLIC labels computed once per (image, region size, SLIC settings) and kept on disk.
+
+    SLIC dominates data loading time, and the same training images come back every epoch.
+    The key covers the file (absolute path, mtime, size), the image actually segmented (shape,
+    dtype and a digest of its pixels, so a different resize or crop of the same file never
+    reuses stale labels), the region size and the SLIC settings. Random augmentation applied
+    before SLIC therefore misses the cache every time. Writes go to a temp file in the cache
+    directory and are moved in with os.replace, so concurrent DataLoader workers never read a
+    half-written file; two workers racing on one key both write identical labels.
+    """
+
+    VERSION = 1
+
+    def __init__(self, cache_dir: str | os.PathLike[str]):
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, image_path: str, image: np.ndarray, region_size: int, **slic_kwargs) -> str:
+        path = os.path.abspath(os.fspath(image_path))
+        try:
+            stat = os.stat(path)
+            file_id = [stat.st_mtime_ns, stat.st_size]
+        except OSError:
+            file_id = None
+        pixels = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()
+        description = {
+            "version": self.VERSION,
+            "path": path,
+            "file": file_id,
+            "shape": list(image.shape),
+            "dtype": str(image.dtype),
+            "pixels": pixels,
+            "region_size": int(region_size),
+            "slic": {name: slic_kwargs[name] for name in sorted(slic_kwargs)},
+        }
+        text = json.dumps(description, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def path_for(self, key: str) -> Path:
+        return self.cache_dir / f"slic-{key}.npz"
+
+    def labels_for(
+        self, image_path: str, image: np.ndarray, region_size: int, **slic_kwargs
+    ) -> np.ndarray:
+        """Cached :func:`slic_labels` of ``image`` (loaded from ``image_path``)."""
+        target = self.path_for(self.key(image_path, image, region_size, **slic_kwargs))
+        if target.exists():
+            try:
+                with np.load(target) as stored:
+                    labels = stored["labels"]
+                if labels.shape == image.shape[:2]:
+                    return labels.astype(np.int32, copy=False)
+            except (OSError, ValueError, KeyError, EOFError):
+                pass  # unreadable entry: recompute and overwrite it
+        labels = slic_labels(image, region_size, **slic_kwargs)
+        self._write_atomic(target, labels)
+        return labels
+
+    def _write_atomic(self, target: Path, labels: np.ndarray) -> None:
+        handle, temp = tempfile.mkstemp(dir=self.cache_dir, prefix=".slic-", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez_compressed(file, labels=labels)
+            os.replace(temp, target)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise

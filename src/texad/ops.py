@@ -1,0 +1,43 @@
+"""Small tensor operations shared by several methods."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian with radius round(truncate·σ) (scipy's gaussian_filter convention)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur2d(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B,H,W) or (B,C,H,W) maps with reflect padding; σ ≤ 0 is a no-op."""
+    if sigma <= 0:
+        return maps
+    squeeze = maps.dim() == 3
+    x = maps[:, None] if squeeze else maps
+    b, c, h, w = x.shape
+    k = gaussian_kernel1d(sigma, truncate).to(x)
+    r = k.numel() // 2
+    x = x.reshape(b * c, 1, h, w)
+    # reflect padding needs pad < size; very small maps fall back to replicate
+    mode_h = "reflect" if r < h else "replicate"
+    mode_w = "reflect" if r < w else "replicate"
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode=mode_h), k.view(1, 1, -1, 1))
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode_w), k.view(1, 1, 1, -1))
+    x = x.reshape(b, c, h, w)
+    return x[:, 0] if squeeze else x
+
+
+def chunk_rows_for_budget(n_cols: int, bytes_per_elem: int, budget_mb: float) -> int:
+    """How many rows of an (rows × n_cols) temporary fit in `budget_mb` megabytes (at least 1)."""
+    return max(1, int(budget_mb * 2**20 // max(1, n_cols * bytes_per_elem)))
+
+
+__all__ = ["chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d", "math"]

@@ -1,0 +1,51 @@
+"""Writing results so that nothing is ever half-written: temp file in the same folder, then rename."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+METRIC_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "image_f1")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_path) on a temp file next to `path`, fsync it, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf → null, tensors and numpy scalars → python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    text = json.dumps(_clean(data), indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,187 @@
+"""train(cfg) and evaluate(cfg): the whole job behind train.py and evaluate.py.
+
+train: seed → build datamodule, backbone and method from the config → fit (resuming from a
+checkpoint when there is one) → validate and test on one device → metrics.json in the run dir.
+evaluate: rebuild everything from the config saved in a checkpoint → validate and test → the same
+metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from texad.errors import TexadError
+from texad.methods.base import AnomalyModule
+from texad.outputs import METRIC_KEYS, write_json
+
+log = logging.getLogger(__name__)
+
+LAST_CKPT = "last.ckpt"
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
+    """Datamodule and method from the config (the backbone is built once and handed to the method)."""
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    backbone = instantiate(cfg.backbone, _convert_="all")
+    method = instantiate(cfg.method, backbone=backbone, _convert_="all")
+    method.texad_config = OmegaConf.to_container(cfg, resolve=True)
+    attach_views = getattr(method, "attach_views", None)
+    if attach_views is not None:
+        attach_views(datamodule, cfg)
+    return datamodule, method
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = cfg.get("logger") or {}
+    return [instantiate(conf) for conf in loggers.values() if conf is not None and "_target_" in conf]
+
+
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """An explicit ckpt_path, else the run dir's last.ckpt when resume is on (a crashed run goes on)."""
+    if cfg.get("ckpt_path"):
+        path = Path(str(cfg.ckpt_path)).expanduser()
+        if not path.is_file():
+            raise TexadError(f"ckpt_path {str(path)!r} does not exist")
+        return str(path)
+    last = ckpt_dir / LAST_CKPT
+    if cfg.get("resume", True) and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def evaluation_trainer(cfg: DictConfig, loggers: list, callbacks: list | None = None) -> L.Trainer:
+    """Validation and test run on one device: DDP would pad the test set with duplicates."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=loggers or False,
+        callbacks=callbacks or [],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
+        inference_mode=True,
+    )
+
+
+def run_evaluation(
+    cfg: DictConfig, datamodule: L.LightningDataModule, method: AnomalyModule, loggers: list
+) -> dict[str, Any]:
+    trainer = evaluation_trainer(cfg, loggers, instantiate_callbacks(cfg.get("eval_callbacks")))
+    datamodule.setup("fit")
+    results: dict[str, Any] = {}
+    if len(datamodule.val_samples) > 0:
+        trainer.validate(method, dataloaders=datamodule.val_dataloader(), verbose=False)
+        results["val"] = method.results.get("val", {})
+    trainer.test(method, datamodule=datamodule, verbose=False)
+    results["test"] = method.results["test"]
+    return results
+
+
+def instantiate_callbacks(conf: DictConfig | None) -> list:
+    if not conf:
+        return []
+    return [instantiate(c) for c in conf.values() if c is not None and "_target_" in c]
+
+
+def metrics_record(cfg: DictConfig, results: dict[str, Any], wall_time: float, extra: dict | None = None) -> dict:
+    """metrics.json: the test metrics at top level, validation metrics under 'val'."""
+    test = results["test"]
+    record: dict[str, Any] = {k: test.get(k) for k in METRIC_KEYS}
+    record.update({k: v for k, v in test.items() if k not in record})
+    record["val"] = results.get("val", {})
+    record["method"] = cfg.method.get("name")
+    record["dataset"] = cfg.dataset.get("name", cfg.dataset.get("_target_"))
+    record["backbone"] = cfg.backbone.get("name")
+    record["seed"] = cfg.get("seed")
+    record["wall_time_s"] = round(wall_time, 3)
+    record.update(extra or {})
+    return record
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    datamodule, method = build(cfg)
+    loggers = build_loggers(cfg)
+    if method.needs_fit:
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
+        )
+        callbacks = [checkpoint, *instantiate_callbacks(cfg.get("callbacks"))]
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
+        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
+        if trainer.global_rank != 0:
+            return {}
+        method = method.to(torch.device("cpu")) if cfg.trainer.get("accelerator") == "cpu" else method
+    else:
+        log.info("method %s is zero-shot: no fit", cfg.method.get("name"))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
+    results = run_evaluation(cfg, datamodule, method, loggers)
+    record = metrics_record(cfg, results, time.time() - start)
+    write_json(out_dir / "metrics.json", record)
+    log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
+    return record
+
+
+def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:
+    """Zero-shot methods still leave a checkpoint, so evaluate.py works the same for every method."""
+    from texad.outputs import atomic_write
+
+    checkpoint = {"state_dict": method.state_dict(), "hyper_parameters": dict(method.hparams)}
+    method.on_save_checkpoint(checkpoint)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise TexadError(f"ckpt_path {str(path)!r} does not exist (expected <run dir>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise TexadError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+    saved = checkpoint.get("texad_config") if isinstance(checkpoint, dict) else None
+    if not saved:
+        raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
+    return checkpoint, saved
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild the model from the checkpoint's saved config and evaluate it."""
+    start = time.time()
+    if not cfg.get("ckpt_path"):
+        raise TexadError("evaluate.py needs ckpt_path=<run dir>/checkpoints/last.ckpt")
+    checkpoint, saved = load_checkpoint_config(cfg.ckpt_path)
+    saved_method = saved["method"].get("name")
+    wanted = cfg.method.get("name") if cfg.get("method") else None
+    if wanted and wanted != saved_method:
+        raise TexadError(
+            f"checkpoint {cfg.ckpt_path!r} belongs to method {saved_method!r}, not {wanted!r}"
+        )
+    run_cfg = OmegaConf.create(saved)
+    for key in ("paths", "logger", "eval_callbacks"):
+        if cfg.get(key) is not None:
+            run_cfg[key] = cfg[key]
+    for key, value in (cfg.get("overrides") or {}).items():
+        OmegaConf.update(run_cfg, key, value, force_add=True)
+    L.seed_everything(run_cfg.seed, workers=True)
+    datamodule, method = build(run_cfg)
+    method.load_method_state(checkpoint["state_dict"])
+    loggers = build_loggers(run_cfg)
+    results = run_evaluation(run_cfg, datamodule, method, loggers)
+    record = metrics_record(run_cfg, results, time.time() - start, {"ckpt_path": str(cfg.ckpt_path)})
+    write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
+    return record
