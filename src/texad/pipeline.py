@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     datamodule, method = build(cfg)
     loggers = build_loggers(cfg)
-    if method.needs_fit:
+    if method.prepare_fit(cfg, datamodule):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
         )
@@ -124,9 +124,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
         if trainer.global_rank != 0:
             return {}
+        method.finish_fit(cfg, datamodule)
         method = method.to(torch.device("cpu")) if cfg.trainer.get("accelerator") == "cpu" else method
     else:
-        log.info("method %s is zero-shot: no fit", cfg.method.get("name"))
+        log.info("method %s needs no fit (zero-shot or cached)", cfg.method.get("name"))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)

@@ -38,6 +38,14 @@ class AnomalyModule(L.LightningModule):
         )
         self.results: dict[str, dict[str, float | None]] = {}
 
+    # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
+    def prepare_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> bool:
+        """Called before fit; return False when nothing needs fitting (zero-shot, or all cached)."""
+        return self.needs_fit
+
+    def finish_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> None:
+        """Called after fit on rank 0 (e.g. to store trained parts in a cache)."""
+
     # --- the method contract -------------------------------------------------------------------
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
