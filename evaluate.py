@@ -1,9 +1,12 @@
 """Evaluate a trained texad checkpoint: `python evaluate.py ckpt_path=<run dir>/checkpoints/last.ckpt`."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from texad.cli import run_job
+from texad.cli import check_group_overrides, run_job
 from texad.pipeline import evaluate
 
 
@@ -13,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_group_overrides(sys.argv[1:], Path(__file__).parent / "conf")
     main()

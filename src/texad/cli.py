@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig
@@ -40,3 +41,27 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def config_choices(conf_dir: Path, group: str) -> list[str]:
+    """Every option of a config group, nested ones included (e.g. dataset: textures/brick)."""
+    base = conf_dir / group
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+
+
+def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
+    """Refuse an unknown option of a config group with the full list of choices.
+
+    Hydra's own message lists only the top level of a group (it would hide mvtec/<category>).
+    """
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.startswith(("+", "~", "-")) or "." in key or "(" in value:
+            continue
+        if not (conf_dir / key).is_dir() or key == "hydra":
+            continue
+        choices = config_choices(conf_dir, key)
+        for option in value.split(","):
+            if option and option != "null" and option not in choices:
+                print(f"texad: error: unknown {key} {option!r}; choices: {', '.join(choices)}", file=sys.stderr)
+                sys.exit(1)

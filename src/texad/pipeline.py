@@ -183,6 +183,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     method.load_method_state(checkpoint["state_dict"])
     loggers = build_loggers(run_cfg)
     results = run_evaluation(run_cfg, datamodule, method, loggers)
-    record = metrics_record(run_cfg, results, time.time() - start, {"ckpt_path": str(cfg.ckpt_path)})
+    extra: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path)}
+    fusion = cfg.get("fusion") or {}
+    if fusion.get("search"):
+        from texad.fusion import refuse_method
+
+        extra["fusion"] = refuse_method(method, results, fusion)
+    record = metrics_record(run_cfg, results, time.time() - start, extra)
     write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
     return record

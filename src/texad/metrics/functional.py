@@ -150,7 +150,7 @@ def _count_at_or_above(sorted_ascending: np.ndarray, thresholds_desc: np.ndarray
     left = np.searchsorted(sorted_ascending, queries, side="left")
     above = n - left
     # Only thresholds equal to some value need the second search (rare for real maps).
-    tied = sorted_ascending[np.minimum(left, n - 1)] == queries if n else np.zeros(0, bool)
+    tied = sorted_ascending[np.minimum(left, n - 1)] == queries if n else np.zeros(queries.shape, bool)
     if tied.any():
         above[tied] = n - np.searchsorted(sorted_ascending, queries[tied], side="right")
     return (n - left)[::-1].astype(np.int64), above[::-1].astype(np.int64)
@@ -317,19 +317,25 @@ def _check_fpr_limit(fpr_limit: float) -> None:
         raise TexadError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
 
 
-def _top_negatives(negatives: np.ndarray, fpr_limit: float) -> np.ndarray:
-    """Ascending negatives, keeping only those that can matter up to FPR = ``fpr_limit``.
+def _top_negatives(negatives: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, float]:
+    """Ascending negatives that can matter up to FPR = ``fpr_limit``, and the cut score.
 
-    The curve up to the limit (and its first point beyond) involves only thresholds at or
+    The curve up to the limit (and its first vertex beyond) involves only thresholds at or
     above the k-th highest negative, k = ceil(limit * n_neg) + 1 (one spare for
-    rounding); a linear-time partition finds it, so only ~limit of the negatives get sorted.
+    rounding); a linear-time partition finds it, so only ~limit of the negatives get
+    sorted, and positives below the cut can be ignored too.
+
+    Works in place on ``negatives`` (a private array from ``_split_pixels``): copies of
+    7.5M scores cost as much as the partition itself.
     """
     n_neg = negatives.size
     needed = min(n_neg, math.ceil(fpr_limit * n_neg) + 1)
     if needed < n_neg:
-        cut = np.partition(negatives, n_neg - needed)[n_neg - needed]
+        negatives.partition(n_neg - needed)
+        cut = negatives[n_neg - needed]
         negatives = negatives[negatives >= cut]  # all ties of the cut, so counts stay exact
-    return np.sort(negatives)
+    negatives.sort()
+    return negatives, (float(negatives[0]) if needed < n_neg else -math.inf)
 
 
 def _pro_curve_of(points: OperatingPoints, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +351,9 @@ def _pro_curve_of(points: OperatingPoints, fpr_limit: float) -> tuple[np.ndarray
     fpr[0], pro[0] = 0.0, 0.0
     fpr[1:-1:2], pro[1:-1:2] = points.fps_above / points.n_neg, pro_before
     fpr[2:-1:2], pro[2:-1:2] = points.fps / points.n_neg, points.pro
-    fpr[-1], pro[-1] = 1.0, points.pro[-1]  # every region fully covered at the lowest score
+    # Horizontal to FPR = 1 after the last run: exact up to the limit even when positives
+    # below the cut were dropped, as they enter only beyond the limit.
+    fpr[-1], pro[-1] = 1.0, (points.pro[-1] if points.pro.size else 0.0)
     crossing = int(np.searchsorted(fpr, fpr_limit, side="left"))  # first vertex with fpr >= limit
     x0, x1, y0, y1 = fpr[crossing - 1], fpr[crossing], pro[crossing - 1], pro[crossing]
     y_at_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
@@ -355,14 +363,13 @@ def _pro_curve_of(points: OperatingPoints, fpr_limit: float) -> tuple[np.ndarray
     )
 
 
-def _pro_points(split: _PixelSplit, sorted_negatives: np.ndarray) -> OperatingPoints:
-    return _operating_points(
-        split.positive_scores,
-        sorted_negatives,
-        split.negative_scores.size,
-        split.positive_regions,
-        split.region_weights,
-    )
+def _pro_points(split: _PixelSplit, sorted_negatives: np.ndarray, cut: float = -math.inf) -> OperatingPoints:
+    """Operating points with PRO; positives scoring below ``cut`` are left out (see ``_top_negatives``)."""
+    scores, regions = split.positive_scores, split.positive_regions
+    if cut > -math.inf:
+        keep = scores >= cut
+        scores, regions = scores[keep], regions[keep]
+    return _operating_points(scores, sorted_negatives, split.negative_scores.size, regions, split.region_weights)
 
 
 def pro_curve(maps, masks, fpr_limit: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +381,7 @@ def pro_curve(maps, masks, fpr_limit: float = 1.0) -> tuple[np.ndarray, np.ndarr
     split = _split_pixels(maps, masks)
     if split.n_regions == 0 or split.negative_scores.size == 0:
         return np.zeros(0), np.zeros(0)
-    points = _pro_points(split, _top_negatives(split.negative_scores, fpr_limit))
+    points = _pro_points(split, *_top_negatives(split.negative_scores, fpr_limit))
     return _pro_curve_of(points, fpr_limit)
 
 
@@ -401,7 +408,8 @@ def pixel_scores(maps, masks, fpr_limit: float = 0.3) -> dict[str, float]:
     """
     _check_fpr_limit(fpr_limit)
     split = _split_pixels(maps, masks)
-    points = _pro_points(split, np.sort(split.negative_scores))
+    split.negative_scores.sort()  # in place: the array is private to this call
+    points = _pro_points(split, split.negative_scores)
     f1, f1_threshold = _best_f1_of(points)
     defined = split.n_regions > 0 and points.n_neg > 0
     return {

@@ -1,7 +1,15 @@
-"""CFA / Sp-CFA as a LightningModule around `CFAModel`."""
+"""CFA / Sp-CFA as a LightningModule around `CFAModel`, with the cache of trained views.
+
+With `view_cache` on, every view (original image, or superpixels at one region size) is looked up
+in `texad.view_cache` before fitting: cached views are loaded and frozen (no bank, no loss, no
+gradient), only the others train, and `finish_fit` stores them. Their per-split score maps are
+reused at evaluation too, so an α sweep trains and scores each view once.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -13,6 +21,8 @@ from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.methods.cfa.torch_model import CFAModel
+
+log = logging.getLogger(__name__)
 
 
 def _check_alpha(alpha: Sequence[float], region_sizes: Sequence[int | None]) -> None:
@@ -55,6 +65,7 @@ class CFA(AnomalyModule):
         distance_budget_mb: float = 256.0,
         seed: int = 0,
         slic: dict | None = None,
+        view_cache: bool = False,
     ) -> None:
         super().__init__()
         region_sizes = [None if r is None else int(r) for r in region_sizes]
@@ -74,21 +85,93 @@ class CFA(AnomalyModule):
             pool=pool,
             blur_sigma=blur_sigma,
             distance_budget_mb=distance_budget_mb,
+            init_seed=seed,
         )
+        self.view_keys: dict[str, str] = {}  # view name → cache key (set by attach_views)
+        self.frozen_views: set[str] = set()  # loaded from the cache: not trained in this fit
+        self.fit_info: dict[str, Any] = {}  # {"view_cache": {...}}: for metrics.json
+        self.view_outputs: dict[str, dict[str, Any]] = {}  # split → per-view maps, masks, labels
+        self._cache = None
+        self._run_dir: Path | None = None
+        self._split: str | None = None
+        self._cached_maps: dict[str, dict[str, torch.Tensor]] = {}
+        self._computed_maps: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- superpixel views requested from the datamodule -----------------------------------------
     @property
     def view_region_sizes(self) -> list[int]:
         return [self.model.region_sizes[v] for v in self.model.view_names[1:]]
 
-    def _feats(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def attach_views(self, datamodule: Any, cfg: Any) -> None:
+        """Give the datamodule a picklable SLIC + mosaic builder; compute the views' cache keys."""
+        from omegaconf import OmegaConf
+
+        from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
+        from texad.view_cache import ViewCache, digest, view_description
+
+        cache_root = Path(str(cfg.paths.cache_dir))
+        slic = {**DEFAULT_SLIC, **(self.hparams.slic or {})}
+        if self.view_region_sizes:
+            datamodule.views = SuperpixelViews(self.view_region_sizes, cache_root / "superpixels", slic)
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        for v in self.model.view_names:
+            rs = self.model.region_sizes.get(v)
+            view = {"kind": "original"} if v == "org" else {"kind": "superpixel", "region_size": rs, "slic": slic}
+            self.view_keys[v] = digest(view_description(plain, view, self.model.loss_weights[v]))
+        if self.hparams.view_cache:
+            self._cache = ViewCache(cache_root / "views")
+        output_dir = (plain.get("paths") or {}).get("output_dir")
+        self._run_dir = Path(output_dir) if output_dir else None
+
+    def _feats(self, batch: Batch, views: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        wanted = self.model.view_names if views is None else [v for v in self.model.view_names if v in views]
         mosaics = {}
-        if len(self.model.view_names) > 1:
-            views = batch.extra.get("mosaics")
-            if views is None:
+        if any(v != "org" for v in wanted):
+            levels = batch.extra.get("mosaics")
+            if levels is None:
                 raise TexadError("Sp-CFA needs superpixel mosaics in the batch; the datamodule did not provide them")
-            mosaics = {v: views[:, i] for i, v in enumerate(self.model.view_names[1:])}
-        return self.model.view_features(batch.image, mosaics)
+            mosaics = {v: levels[:, i] for i, v in enumerate(self.model.view_names[1:])}
+        return self.model.view_features(batch.image, mosaics, wanted)
+
+    # --- the cache of trained views ------------------------------------------------------------
+    def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
+        """Load cached views and freeze them; fit only when some view is not cached."""
+        self.frozen_views = set()
+        if self._cache is None:
+            return True
+        heads = {}
+        for v in self.model.view_names:
+            state = self._cache.load_head(self.view_keys[v])
+            if state is None:
+                heads[v] = "trained"
+                continue
+            self.model.heads[v].load_state_dict(state)
+            self.model.heads[v].requires_grad_(False)
+            self.frozen_views.add(v)
+            heads[v] = "hit"
+        self._record("heads", heads)
+        log.info("view cache: %s", ", ".join(f"{v} {h} ({self.view_keys[v][:10]})" for v, h in heads.items()))
+        return len(self.frozen_views) < len(self.model.view_names)
+
+    def finish_fit(self, cfg: Any, datamodule: Any) -> None:
+        """Store the views this fit trained."""
+        if self._cache is None:
+            return
+        for v in self.model.view_names:
+            if v not in self.frozen_views:
+                self._cache.store_head(self.view_keys[v], self.model.heads[v].state_dict())
+
+    def _record(self, kind: str, entry: Any, split: str | None = None) -> None:
+        """Cache hits go to `fit_info["view_cache"]` and to view_cache.json in the run dir."""
+        info = self.fit_info.setdefault("view_cache", {"keys": dict(self.view_keys)})
+        if split is None:
+            info[kind] = entry
+        else:
+            info.setdefault(kind, {})[split] = entry
+        if self._run_dir is not None and self.global_rank == 0:
+            from texad.outputs import write_json
+
+            write_json(self._run_dir / "view_cache.json", info)
 
     # --- fit -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -100,13 +183,14 @@ class CFA(AnomalyModule):
         for batch in tqdm(loader, desc="memory bank", disable=rank != 0, leave=False):
             batch = self.trainer.strategy.batch_to_device(batch, self.device)
             with torch.no_grad():
-                self.model.build_bank_step(self._feats(batch))
+                self.model.build_bank_step(self._feats(batch, self.model.views_without_bank))
         self.model.finalize_banks(self.hparams.gamma_c, self.hparams.seed)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.model.loss(self._feats(batch))
+        trainable = [v for v in self.model.view_names if v not in self.frozen_views]
+        loss, parts = self.model.loss(self._feats(batch, trainable))
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
         for v, p in parts.items():
             self.log(f"train/loss_{v}", p, on_step=False, on_epoch=True, batch_size=len(batch))
@@ -119,12 +203,87 @@ class CFA(AnomalyModule):
             params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, amsgrad=self.hparams.amsgrad
         )
 
-    # --- inference -----------------------------------------------------------------------------
+    # --- inference ---------------------------------------------------------------------------------
+    def _evaluating(self) -> bool:
+        """True in trainer.validate / trainer.test (not in validation during fit: heads still move)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.state.fn in ("validate", "test")
+
+    def _maps_key(self, view: str, split: str) -> str:
+        from texad.view_cache import digest, state_digest
+
+        return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split])
+
+    def _start_split(self, split: str) -> None:
+        self._split = split if self._evaluating() else None
+        self._computed_maps = {v: {} for v in self.model.view_names}
+        self._cached_maps = {}
+        self.view_outputs.pop(split, None)
+        if self._split and self._cache is not None and self.view_keys:
+            self._cached_maps = {v: self._cache.load_maps(self._maps_key(v, split), split) for v in self.model.view_names}
+
+    def _end_split(self, split: str) -> None:
+        if self._split != split:
+            return
+        status = {}
+        for v in self.model.view_names:
+            new = self._computed_maps.get(v) or {}
+            status[v] = "computed" if new else "hit"
+            if new and self._cache is not None and self.view_keys:
+                self._cache.store_maps(self._maps_key(v, split), split, {**self._cached_maps.get(v, {}), **new})
+        if self._cache is not None:
+            self._record("maps", status, split)
+            log.info("view cache, %s maps: %s", split, status)
+        out = self.view_outputs.get(split)
+        if out:
+            out["maps"] = {v: torch.cat(m) for v, m in out["maps"].items()}
+            out["masks"] = torch.cat(out["masks"]) if out["masks"] and out["masks"][0] is not None else None
+            out["labels"] = torch.cat(out["labels"])
+        self._split = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_split("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_split("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_split("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_split("test")
+        super().on_test_epoch_end()
+
+    def _collect(self, batch: Batch, views: dict[str, torch.Tensor]) -> None:
+        """Keep unsmoothed per-view maps of the split, for α re-fusion (texad.fusion)."""
+        out = self.view_outputs.setdefault(
+            self._split, {"paths": [], "maps": {v: [] for v in views}, "masks": [], "labels": []}
+        )
+        out["paths"].extend(batch.path)
+        for v, m in views.items():
+            out["maps"][v].append(m.detach().float().cpu())
+        out["masks"].append(None if batch.mask is None else batch.mask[:, 0].detach().cpu() > 0.5)
+        out["labels"].append(batch.label.detach().cpu())
+
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
         if not self.model.banks_built:
             raise TexadError("CFA has no memory bank: train it first (or load a trained checkpoint)")
         size = tuple(batch.image.shape[-2:])
-        views = self.model.view_maps(self._feats(batch), size, batch.superpixels)
+        views: dict[str, torch.Tensor] = {}
+        if self._split:
+            for v, cached in self._cached_maps.items():
+                if cached and all(p in cached for p in batch.path):
+                    views[v] = torch.stack([cached[p] for p in batch.path]).to(batch.image.device)
+        todo = [v for v in self.model.view_names if v not in views]
+        if todo:
+            views.update(self.model.view_maps(self._feats(batch, todo), size, batch.superpixels))
+            if self._split:
+                for v in todo:
+                    self._computed_maps[v].update(zip(batch.path, views[v].detach().float().cpu()))
+        views = {v: views[v] for v in self.model.view_names}
+        if self._split:
+            self._collect(batch, views)
         amap = self.model.fuse(views)
         out: dict[str, Any] = {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
         out["view_maps"] = views

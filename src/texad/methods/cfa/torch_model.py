@@ -70,6 +70,7 @@ class CFAModel(nn.Module):
         pool: int = 3,
         blur_sigma: float = 4.0,
         distance_budget_mb: float = 256.0,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -79,23 +80,43 @@ class CFAModel(nn.Module):
         self.alpha = dict(zip(VIEWS, (float(a) for a in alpha)))
         self.loss_weights = dict(zip(VIEWS, (float(w) for w in loss_weights)))
         in_ch = sum(backbone.channels)
-        self.heads = nn.ModuleDict(
-            {v: CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb) for v in self.view_names}
-        )
+
+        def head() -> CFAHead:
+            return CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb)
+
+        self.heads = nn.ModuleDict({"org": head()})
+        for v in self.view_names[1:]:
+            self.heads[v] = self._seeded(head, init_seed, self.region_sizes[v])
+
+    @staticmethod
+    def _seeded(make: Callable[[], nn.Module], seed: int | None, region_size: int) -> nn.Module:
+        """A superpixel head initialised from (seed, region size) alone, not from the global RNG.
+
+        So a view's initial weights do not depend on which other views exist (a trained view can be
+        cached and reused by any run with that region size), and the global RNG after building the
+        model is the one CFA alone leaves: the "org" view is unchanged when views are added.
+        """
+        if seed is None:
+            return make()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) * 1_000_003 + int(region_size))
+            return make()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return local_average_and_concat(self.backbone(images), self.pool)
 
-    def view_features(self, images: torch.Tensor, mosaics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Frozen features of every active view; mosaics maps view name → (B,3,H,W) mosaic images."""
-        out = {"org": self.features(images)}
-        for v in self.view_names[1:]:
-            out[v] = self.features(mosaics[v])
-        return out
+    def view_features(
+        self, images: torch.Tensor, mosaics: dict[str, torch.Tensor], views: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Frozen features of the active views (or of `views` only); mosaics maps view name → (B,3,H,W)."""
+        wanted = self.view_names if views is None else [v for v in self.view_names if v in views]
+        return {v: self.features(images if v == "org" else mosaics[v]) for v in wanted}
 
     def loss(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {v: self.heads[v].loss(feats[v]) for v in self.view_names}
-        return sum(self.loss_weights[v] * parts[v] for v in self.view_names), parts
+        """Σ w_v L_v over the views present in `feats` (frozen, cached views are left out)."""
+        views = [v for v in self.view_names if v in feats]
+        parts = {v: self.heads[v].loss(feats[v]) for v in views}
+        return sum(self.loss_weights[v] * parts[v] for v in views), parts
 
     def view_maps(
         self,
@@ -103,9 +124,14 @@ class CFAModel(nn.Module):
         size: tuple[int, int],
         superpixels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Unsmoothed per-view maps (B,H,W) in image coordinates (mosaic views mapped back)."""
+        """Unsmoothed per-view maps (B,H,W) in image coordinates (mosaic views mapped back).
+
+        Only the views present in `feats` are computed; `superpixels` levels follow `view_names[1:]`.
+        """
         maps = {}
         for i, v in enumerate(self.view_names):
+            if v not in feats:
+                continue
             s = self.heads[v].score(feats[v])
             s = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             if v != "org":
@@ -121,12 +147,18 @@ class CFAModel(nn.Module):
         fused = sum(alpha.get(v, 0.0) * m for v, m in maps.items())
         return gaussian_blur2d(fused, self.blur_sigma)
 
+    @property
+    def views_without_bank(self) -> list[str]:
+        return [v for v in self.view_names if not self.heads[v].bank.is_built]
+
     def build_bank_step(self, feats: dict[str, torch.Tensor]) -> None:
-        for v in self.view_names:
-            self.heads[v].bank.accumulate(feats[v])
+        """Accumulate features of the views in `feats` whose bank is not built yet (cached ones are)."""
+        for v in self.views_without_bank:
+            if v in feats:
+                self.heads[v].bank.accumulate(feats[v])
 
     def finalize_banks(self, gamma_c: int, seed: int) -> None:
-        for v in self.view_names:
+        for v in self.views_without_bank:
             self.heads[v].bank.finalize(self.heads[v].descriptor, gamma_c, seed)
 
     @property

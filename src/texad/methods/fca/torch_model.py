@@ -73,6 +73,20 @@ def patch_reference(features: torch.Tensor, patch_size: int, kind: str = "median
     raise TexadError(f"FCA reference must be 'median' or 'random', got {kind!r}")
 
 
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Per channel, each pixel's position in a stable sort of the channel: (C, H, W) integers.
+
+    Comparing keys equals comparing values with ties broken by row-major position, which inside
+    any patch is its row-major order, so ranks from keys are those of a stable sort of the patch.
+    """
+    c = x.shape[0]
+    n = x[0].numel()
+    order = torch.sort(x.reshape(c, n), dim=-1, stable=True).indices
+    dtype = torch.int16 if n <= 2 ** 15 else torch.int32
+    positions = torch.arange(n, device=x.device, dtype=dtype).expand(c, n)
+    return torch.empty((c, n), dtype=dtype, device=x.device).scatter_(1, order, positions).view_as(x)
+
+
 def _patch_blur_matrix(patch_size: int, blur_kernel: int | None, sigma_s: float | None) -> torch.Tensor:
     """t²×t² matrix of a reflect-padded Gaussian blur on a t×t patch (identity when off)."""
     n = patch_size * patch_size
@@ -187,15 +201,18 @@ class FCA(nn.Module):
         t, rows = self.patch_size, min(self.chunk_rows, hp)
         m = t - 1
         n_chunks = -(-hp // rows)
+        keys = _order_keys(padded)
         # A margin lets every pixel look at its full (2t-1)² neighbourhood and makes every chunk
         # full height. Values read there only feed (pixel, position) pairs whose patch would leave
         # the padded map, or rows past Hp; neither is ever gathered.
-        extended = F.pad(padded, (m, m, m, m + n_chunks * rows - hp))
-        row_stride = extended.stride(1)
+        margin = (m, m, m, m + n_chunks * rows - hp)
+        extended = F.pad(padded, margin)
+        keys = F.pad(keys, margin)
+        row_stride = keys.stride(1)
         count_dtype = torch.uint8 if t * t <= 256 else torch.int32
         device = padded.device
-        below = torch.empty((2 * m + 1, 2 * m + 1, c, rows, wp), dtype=torch.bool, device=device)
-        counts = below.view(torch.uint8) if count_dtype == torch.uint8 else torch.empty_like(below, dtype=count_dtype)
+        before = torch.empty((2 * m + 1, c, rows, wp), dtype=keys.dtype, device=device)
+        counts = torch.empty((2 * m + 1, 2 * m + 1, c, rows, wp), dtype=count_dtype, device=device)
         row_counts = torch.empty((2 * m + 1, t, c, rows, wp), dtype=count_dtype, device=device)
         ranks = torch.empty((t, t, c, rows, wp), dtype=count_dtype, device=device)
         index = torch.empty((t, c, rows, wp), dtype=torch.int64, device=device)
@@ -206,13 +223,15 @@ class FCA(nn.Module):
         shares = padded.new_empty(t * t, n_chunks * rows, wp)
         for r0 in range(0, n_chunks * rows, rows):
             centre = extended[:, m + r0:m + r0 + rows, m:m + wp]
-            # neighbours[a, b] = the map shifted by (a - m, b - m), for all (2t-1)² offsets at once.
-            neighbours = extended.as_strided((2 * m + 1, 2 * m + 1, c, rows, wp),
-                                             (row_stride, 1, extended.stride(0), row_stride, 1),
-                                             extended.storage_offset() + r0 * row_stride)
-            self._compare(neighbours, centre, below)
-            if count_dtype != torch.uint8:
-                counts.copy_(below)
+            centre_keys = keys[:, m + r0:m + r0 + rows, m:m + wp]
+            for a in range(2 * m + 1):
+                # Keys at column offsets -m..m of row offset a - m, all at once; keys are unique
+                # integers, so clamp(centre - neighbour, 0, 1) is exactly [neighbour < centre]
+                # (vectorised, unlike comparison ops on CPU).
+                neighbours = keys.as_strided((2 * m + 1, c, rows, wp), (1, keys.stride(0), row_stride, 1),
+                                             keys.storage_offset() + (r0 + a) * row_stride)
+                torch.sub(centre_keys, neighbours, out=before).clamp_(0, 1)
+                counts[a].copy_(before)
             self._window_sums(counts, t, dim=1, out=row_counts)  # over column offsets
             self._window_sums(row_counts, t, dim=0, out=ranks)  # then over row offsets
             for i in range(t):  # one in-patch row at a time keeps the gather buffers small
@@ -222,19 +241,6 @@ class FCA(nn.Module):
                 torch.sum(values, dim=1, out=channel_sum)
                 shares[i * t:(i + 1) * t, r0:r0 + rows] = channel_sum
         return shares.div_(c)
-
-    @staticmethod
-    def _compare(neighbours: torch.Tensor, centre: torch.Tensor, below: torch.Tensor) -> None:
-        """below[a, b] = neighbour at offset (a-m, b-m) comes before the centre in a stable sort.
-
-        A neighbour comes first if it is smaller, or equal and earlier in row-major patch order
-        (a lexicographically negative offset), so ranks match a stable sort of the patch.
-        """
-        m = neighbours.shape[0] // 2
-        torch.le(neighbours[:m], centre, out=below[:m])
-        torch.le(neighbours[m, :m], centre, out=below[m, :m])
-        torch.lt(neighbours[m, m:], centre, out=below[m, m:])
-        torch.lt(neighbours[m + 1:], centre, out=below[m + 1:])
 
     @staticmethod
     def _window_sums(planes: torch.Tensor, t: int, dim: int, out: torch.Tensor) -> torch.Tensor:

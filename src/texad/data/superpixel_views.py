@@ -1,0 +1,64 @@
+"""Sp-CFA's superpixel views, built per item inside the dataset (so in DataLoader workers).
+
+The builder is a plain class instance (not a closure) so DataLoader workers can pickle it. It runs
+SLIC on the image exactly as the model sees it (already resized to the model size, and with any
+synthetic validation defect already planted), so labels, mosaics and score maps share one
+resolution. Labels are cached on disk by `SuperpixelCache`, whose key includes a digest of those
+pixels: a synthetic-defect copy never reuses the labels of its clean file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from texad.data.images import to_tensor
+from texad.errors import TexadError
+from texad.methods.superpixels import SuperpixelCache, build_mosaic, slic_labels
+
+#: SLIC settings when the config gives none (OpenCV's defaults, connectivity enforced)
+DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25}
+
+
+class SuperpixelViews:
+    """`(image uint8 HxWx3, path, mean, std) -> {"superpixels": (L,H,W) int64, "mosaics": (L,3,H,W)}`.
+
+    One level per region size, in the order given (the order of the model's active views).
+    `cache_dir=None` computes SLIC every time (no disk cache).
+    """
+
+    def __init__(
+        self, region_sizes: Sequence[int], cache_dir: str | Path | None = None, slic: dict | None = None
+    ) -> None:
+        if not region_sizes:
+            raise TexadError("SuperpixelViews needs at least one region size")
+        self.region_sizes = [int(r) for r in region_sizes]
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.slic = {**DEFAULT_SLIC, **(slic or {})}
+        self._cache: SuperpixelCache | None = None  # opened lazily, once per worker process
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}
+
+    def labels(self, image: np.ndarray, path: str, region_size: int) -> np.ndarray:
+        if self.cache_dir is None:
+            return slic_labels(image, region_size, **self.slic)
+        if self._cache is None:
+            self._cache = SuperpixelCache(self.cache_dir)
+        return self._cache.labels_for(path, image, region_size, **self.slic)
+
+    def __call__(
+        self, image: np.ndarray, path: str, mean: Sequence[float], std: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
+        labels, mosaics = [], []
+        for rs in self.region_sizes:
+            lab = self.labels(image, path, rs)
+            labels.append(torch.from_numpy(lab.astype(np.int64)))
+            mosaics.append(to_tensor(build_mosaic(image, lab), mean, std))
+        return {"superpixels": torch.stack(labels), "mosaics": torch.stack(mosaics)}
+
+    def __repr__(self) -> str:
+        return f"SuperpixelViews(region_sizes={self.region_sizes}, slic={self.slic}, cache_dir={self.cache_dir!r})"

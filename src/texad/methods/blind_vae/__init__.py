@@ -1,0 +1,5 @@
+"""Blind anomaly localisation: a per-location feature VAE and FCA on its residuals."""
+
+from texad.methods.blind_vae.torch_model import FeatureVAE, residual_map_fca, residual_norm, smooth_and_clear_border
+
+__all__ = ["FeatureVAE", "residual_map_fca", "residual_norm", "smooth_and_clear_border"]

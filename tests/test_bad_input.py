@@ -1,0 +1,106 @@
+"""Bad input gets a clear error that names the file or key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_entry
+from texad.data.datamodule import MVTecDataModule
+from texad.errors import TexadError
+from texad.outputs import atomic_write, write_json
+
+
+def make_folder(root: Path, n_train: int = 3, with_gt: bool = True, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("train/good", "test/good", "test/crack"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        cv2.imwrite(str(root / "train/good" / f"{i:03d}.png"), rng.integers(0, 255, (size, size), np.uint8))
+    cv2.imwrite(str(root / "test/good/000.png"), rng.integers(0, 255, (size, size), np.uint8))
+    cv2.imwrite(str(root / "test/crack/000.png"), rng.integers(0, 255, (size, size), np.uint8))
+    if with_gt:
+        (root / "ground_truth/crack").mkdir(parents=True)
+        mask = np.zeros((size, size), np.uint8)
+        mask[10:20, 10:20] = 255
+        cv2.imwrite(str(root / "ground_truth/crack/000_mask.png"), mask)
+    return root
+
+
+def datamodule(root: Path) -> MVTecDataModule:
+    return MVTecDataModule(root=str(root), image_size=32, val_fraction=0.0)
+
+
+def test_missing_dataset_root_names_path_and_layout(tmp_path):
+    with pytest.raises(TexadError, match=r"does not exist.*MVTec AD layout"):
+        datamodule(tmp_path / "nowhere").setup()
+
+
+def test_empty_train_good_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "set", n_train=0)
+    with pytest.raises(TexadError, match=r"no training images in .*train/good"):
+        datamodule(root).setup()
+
+
+def test_defective_image_without_mask_while_masks_exist(tmp_path):
+    root = make_folder(tmp_path / "set")
+    (root / "ground_truth/crack/000_mask.png").unlink()
+    with pytest.raises(TexadError, match=r"test/crack/000.png.*has no mask"):
+        datamodule(root).setup()
+
+
+def test_folder_without_ground_truth_gives_image_labels_only(tmp_path):
+    dm = datamodule(make_folder(tmp_path / "set", with_gt=False))
+    dm.setup()
+    assert not dm.has_masks
+    items = [dm.test_dataset()[i] for i in range(2)]
+    assert all(it["mask"] is None for it in items)
+    assert sorted(it["label"] for it in items) == [0, 1]
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = make_folder(tmp_path / "set")
+    (root / "test/good/000.png").write_bytes(b"not a png at all")
+    dm = datamodule(root)
+    with pytest.raises(TexadError, match=r"cannot read image .*test/good/000.png"):
+        dm.test_dataset()[1]  # test/crack sorts before test/good
+
+
+def test_mask_of_other_size_names_both_files(tmp_path):
+    root = make_folder(tmp_path / "set")
+    cv2.imwrite(str(root / "ground_truth/crack/000_mask.png"), np.zeros((16, 16), np.uint8))
+    dm = datamodule(root)
+    with pytest.raises(TexadError, match=r"000_mask.png.* is 16x16 but its image .*crack/000.png.* is 32x32"):
+        dm.test_dataset()[0]
+
+
+def test_unknown_method_and_dataset_list_the_choices():
+    proc = run_entry("train.py", "method=nope", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown method 'nope'; choices: cfa" in proc.stderr
+    proc = run_entry("train.py", "dataset=textures/nope", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown dataset 'textures/nope'" in proc.stderr
+    assert "mvtec/wood" in proc.stderr and "textures/gravel" in proc.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_entry("evaluate.py", f"ckpt_path={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/eval", check=False)
+    assert proc.returncode == 1
+    assert "none.ckpt' does not exist" in proc.stderr
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = write_json(tmp_path / "metrics.json", {"pixel_auroc": 0.5})
+
+    def crash(tmp: Path) -> None:
+        tmp.write_text('{"half": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    assert target.read_text().strip().startswith("{") and '"pixel_auroc": 0.5' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
