@@ -1,0 +1,234 @@
+"""`python -m texad.bench`: speed and memory figures of this machine, printed as one JSON object.
+
+Each method is measured in its own subprocess (so its peak RSS is its own) on real embedded images:
+training images/s (an epoch after the memory bank is built), inference images/s, and the ratio of
+inference time to the bare backbone forward pass on the same batch. Pixel-metric time is measured
+on synthetic maps of the requested size; α re-fusion time per point where Sp-CFA exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _compose(overrides: list[str], output_dir: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def measure_method(method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str]) -> dict[str, Any]:
+    """Fit `epochs` epochs on the embedded gravel set, then time inference against the backbone."""
+    import lightning as L
+    import torch
+
+    from texad.pipeline import build
+
+    out = tempfile.mkdtemp(prefix="texad-bench-")
+    cfg = _compose(
+        [
+            f"method={method}",
+            "dataset=textures/gravel",
+            f"dataset.generated_size={size}",
+            f"dataset.image_size={size}",
+            f"dataset.n_train={n_train}",
+            "dataset.n_test_good=4",
+            "dataset.n_per_type=2",
+            f"dataset.batch_size={batch}",
+            f"dataset.eval_batch_size={batch}",
+            "dataset.val_fraction=0",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            *([f"method.epochs={epochs}"] if method != "fca" else []),
+            *extra,
+        ],
+        out,
+    )
+    L.seed_everything(0)
+    datamodule, model = build(cfg)
+    result: dict[str, Any] = {"method": method, "image_size": size, "batch": batch}
+
+    epoch_times: list[float] = []
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch_times.append(time.perf_counter() - self.t0)
+
+    if model.prepare_fit(cfg, datamodule):
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=1, max_epochs=epochs, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[EpochTimer()],
+        )
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        result["fit_s"] = round(time.perf_counter() - t0, 3)
+        n_train_images = len(datamodule.train_samples)
+        result["epoch_s"] = [round(t, 3) for t in epoch_times]
+        steady = epoch_times[1:] or epoch_times
+        result["train_images_per_s"] = round(n_train_images * len(steady) / sum(steady), 2)
+    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    model = model.to(device).eval()
+    datamodule.setup("test")
+    batch_data = next(iter(datamodule.test_dataloader()))
+    batch_data = L.pytorch.utilities.move_data_to_device(batch_data, device)
+    backbone = model.model.backbone
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def backbone_forward():
+        backbone(batch_data.image)
+        sync()
+
+    def inference():
+        with torch.inference_mode():
+            model.predict_maps(batch_data)
+        sync()
+
+    backbone_forward(), inference()  # warm-up
+    t_backbone = _median_time(backbone_forward, 5)
+    t_infer = _median_time(inference, 5)
+    n = len(batch_data)
+    result.update(
+        backbone_images_per_s=round(n / t_backbone, 2),
+        inference_images_per_s=round(n / t_infer, 2),
+        inference_over_backbone=round(t_infer / t_backbone, 3),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+    )
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def measure_metrics(n_images: int, size: int, anomalous_fraction: float = 0.03, seed: int = 0) -> dict[str, Any]:
+    """Time of all pixel metrics and of AUPRO alone on synthetic maps with blob-shaped defects."""
+    import numpy as np
+    from scipy import ndimage
+
+    from texad.metrics.functional import aupro, pixel_scores
+
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n_images, size, size), bool)
+    for i in range(n_images // 2, n_images):
+        noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), 8)
+        masks[i] = noise > np.quantile(noise, 1 - 2 * anomalous_fraction)
+    maps = (masks * 0.8 + rng.standard_normal(masks.shape) * 0.5).astype(np.float32)
+    t_all = _median_time(lambda: pixel_scores(maps, masks), 3)
+    t_aupro = _median_time(lambda: aupro(maps, masks), 3)
+    from texad.metrics.functional import best_f1, roc_auc
+
+    t_image = _median_time(lambda: (roc_auc(maps.max((1, 2)), masks.any((1, 2))), best_f1(maps.max((1, 2)), masks.any((1, 2)))), 3)
+    return {
+        "n_images": n_images,
+        "image_size": size,
+        "anomalous_pixel_fraction": round(float(masks.mean()), 4),
+        "all_six_metrics_s": round(t_all + t_image, 4),
+        "aupro_s": round(t_aupro, 4),
+    }
+
+
+def measure_refusion(n_points: int, n_images: int, size: int) -> dict[str, Any] | None:
+    try:
+        from texad.fusion import time_refusion
+    except ImportError:
+        return None
+    return time_refusion(n_points=n_points, n_images=n_images, size=size)
+
+
+def _run_child(args: argparse.Namespace, what: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "texad.bench", "--child", what, *args.passthrough]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--methods", default="cfa,spcfa,fca", help="comma-separated method configs to measure")
+    p.add_argument("--size", type=int, default=256, help="image side for methods and metrics")
+    p.add_argument("--n-train", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per method (first one excluded from images/s)")
+    p.add_argument("--metric-images", type=int, default=117)
+    p.add_argument("--refusion-points", type=int, default=100)
+    p.add_argument("--refusion-images", type=int, default=100)
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override for every method (repeatable)")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.passthrough = [
+        "--size", str(args.size), "--n-train", str(args.n_train), "--batch", str(args.batch),
+        "--epochs", str(args.epochs), "--metric-images", str(args.metric_images),
+        "--refusion-points", str(args.refusion_points), "--refusion-images", str(args.refusion_images),
+        *[f"--override={o}" for o in args.override],
+    ]
+    if args.child:
+        kind, _, name = args.child.partition(":")
+        if kind == "method":
+            res = measure_method(name, args.size, args.n_train, args.batch, args.epochs, args.override)
+        elif kind == "metrics":
+            res = measure_metrics(args.metric_images, args.size)
+        else:
+            res = measure_refusion(args.refusion_points, args.refusion_images, args.size)
+        print(json.dumps(res))
+        return
+
+    import torch
+
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "methods": {},
+    }
+    methods = [m for m in args.methods.split(",") if m]
+    available = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    for m in methods:
+        report["methods"][m] = _run_child(args, f"method:{m}") if m in available else {"error": "not available"}
+    report["pixel_metrics"] = _run_child(args, "metrics")
+    if "spcfa" in available:
+        report["alpha_refusion"] = _run_child(args, "refusion")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
