@@ -2,6 +2,9 @@
 
 Each case runs in a fresh subprocess so its peak resident memory is its own. Usage:
     PYTHONPATH=src python3 bench/fca_speed.py [--threads N] [--repeats R] [--device cpu|cuda]
+    PYTHONPATH=src python3 bench/fca_speed.py --method [--feature-input-size 1024]
+``--method`` times the whole method per 256² image instead (resize, efficientnet_lite0 features
+or raw pixels, FCA, upsample) through ``texad.methods.fca.bench.time_fca``.
 """
 
 from __future__ import annotations
@@ -66,8 +69,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--patch-size", type=int, default=9)
+    parser.add_argument("--method", action="store_true", help="time the whole method per 256² image")
+    parser.add_argument("--feature-input-size", type=int, default=1024)
     parser.add_argument("--case", nargs=2, type=int, metavar=("CHANNELS", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.method:
+        from texad.methods.fca.bench import time_fca
+
+        for features in ("backbone", "pixels"):
+            r = time_fca(features, feature_input_size=args.feature_input_size, patch_size=args.patch_size,
+                         repeats=args.repeats, threads=args.threads or None, device=args.device)
+            print(json.dumps(r), flush=True)
+        return
     if args.case:
         print(json.dumps(run_case(*args.case, args.repeats, args.threads, args.device, args.patch_size)))
         return

@@ -48,7 +48,9 @@ def test_checkpoint_of_another_method_is_refused(tiny_cfg, tmp_path):
     state = torch.load(ckpt, weights_only=False)
     state["texad_config"]["method"]["name"] = "other"
     torch.save(state, tmp_path / "other.ckpt")
-    ev = tiny_cfg(f"ckpt_path={tmp_path}/other.ckpt", "method=cfa", config_name="evaluate")
+    from conftest import compose_cfg
+
+    ev = compose_cfg("evaluate", [f"ckpt_path={tmp_path}/other.ckpt", "method=cfa", "logger=none"], tmp_path / "ev")
     with pytest.raises(TexadError, match="belongs to method 'other', not 'cfa'"):
         evaluate(ev)
 

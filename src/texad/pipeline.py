@@ -122,7 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [checkpoint, *instantiate_callbacks(cfg.get("callbacks"))]
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
-        if trainer.global_rank != 0:
+        rank = trainer.global_rank
+        leave_process_group()
+        if rank != 0:
             return {}
         method.finish_fit(cfg, datamodule)
         method = method.to(torch.device("cpu")) if cfg.trainer.get("accelerator") == "cpu" else method
@@ -135,6 +137,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "metrics.json", record)
     log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
     return record
+
+
+def leave_process_group() -> None:
+    """After a DDP fit, evaluation runs on rank 0 alone: the other ranks are done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:

@@ -1,0 +1,132 @@
+"""FCA as a zero-shot texad method: no fit, each test image is scored on its own.
+
+The image is resized to ``feature_input_size`` (the backbone sees about 1024² so a stride-8 layer
+gives the ~128² map FCA needs), the chosen layers are read, FCA scores every feature pixel, and the
+map is bilinearly upsampled to the input size; the image score is the map's maximum (as the
+official evaluation). ``features="pixels"`` runs FCA on the image itself at the dataset's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from texad.backbones import FeatureExtractor
+from texad.data.batch import Batch
+from texad.errors import TexadError
+from texad.methods.base import AnomalyModule
+from texad.methods.fca.features import LayerView, concat_layers, resize_for_features
+from texad.methods.fca.torch_model import FCA
+
+FEATURES = ("backbone", "pixels")
+
+
+def check_fca_keys(patch_size: int, stride: int, prefix: str = "method.") -> None:
+    """Config errors named by their key, before FCA's own (key-less) checks."""
+    if int(patch_size) < 1 or int(patch_size) % 2 == 0:
+        raise TexadError(f"{prefix}patch_size must be a positive odd integer, got {patch_size}")
+    if int(stride) <= 0:
+        raise TexadError(f"{prefix}stride must be positive, got {stride}")
+
+
+def check_map_fits(patch_size: int, h: int, w: int, how: str, key: str = "method.patch_size") -> None:
+    if patch_size > min(h, w):
+        raise TexadError(f"{key}={patch_size} is larger than the feature map {h}x{w} ({how}); "
+                         f"use a smaller patch or a larger method.feature_input_size")
+
+
+class FeatureMaps(nn.Module):
+    """Image batch → the feature map FCA reads: backbone layers at an input size, or the pixels."""
+
+    def __init__(self, backbone: FeatureExtractor | None, features: str, layers: Sequence[int],
+                 input_size: int | None) -> None:
+        super().__init__()
+        if features not in FEATURES:
+            raise TexadError(f"method.features must be one of {list(FEATURES)}, got {features!r}")
+        if input_size is not None and int(input_size) < 8:
+            raise TexadError(f"method.feature_input_size must be >= 8 or null, got {input_size}")
+        self.features = features
+        self.input_size = None if input_size is None else int(input_size)
+        # the frozen network sits at `backbone` so checkpoints leave it out (model.backbone.*)
+        self.backbone = LayerView(backbone, layers) if features == "backbone" else None
+
+    @property
+    def stride(self) -> int:
+        return 1 if self.backbone is None else self.backbone.strides[0]
+
+    def map_side(self) -> int | None:
+        """Feature map side for a square input, when known before seeing an image."""
+        if self.features == "pixels" or self.input_size is None:
+            return None
+        return self.input_size // self.stride
+
+    def describe(self) -> str:
+        if self.backbone is None:
+            return "raw pixels at the image size"
+        return (f"{self.backbone.name} layers {self.backbone.layers} (stride {self.stride}) of the image "
+                f"resized to {self.input_size or 'its own size'}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone is None:
+            return images
+        return concat_layers(self.backbone(resize_for_features(images, self.input_size)))
+
+
+class FCAMethod(AnomalyModule):
+    """Feature Correspondence Analysis (Ardelean & Weyrich, WACV 2024), zero-shot.
+
+    Keys: ``features`` (backbone | pixels), ``layers`` (timm out indices of the backbone; the
+    official WRN50-2 layer2 is stride 8, for efficientnet_lite0 that is index 2, 40 channels),
+    ``feature_input_size`` (side fed to the backbone; null = the image size), FCA's ``patch_size``,
+    ``stride``, ``sigma_p``, ``blur_kernel``, ``sigma_s``, ``reference``, ``chunk_rows``,
+    ``normalize`` and ``seed``. ``epochs`` is accepted and ignored (nothing is trained).
+    """
+
+    needs_fit = False
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor | None = None,
+        name: str = "fca",
+        features: str = "backbone",
+        layers: Sequence[int] = (2,),
+        feature_input_size: int | None = 1024,
+        patch_size: int = 9,
+        stride: int = 1,
+        sigma_p: float = 3.0,
+        blur_kernel: int | None = 5,
+        sigma_s: float | None = 1.0,
+        reference: str = "median",
+        chunk_rows: int = 8,
+        normalize: str | None = "minmax",
+        seed: int = 0,
+        epochs: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        check_fca_keys(patch_size, stride)
+        if features == "backbone" and backbone is None:
+            raise TexadError("method=fca with method.features=backbone needs a backbone")
+        self.model = FeatureMaps(backbone, features, layers, feature_input_size)
+        side = self.model.map_side()
+        if side is not None:
+            check_map_fits(patch_size, side, side, self.model.describe())
+        try:
+            self.model.fca = FCA(patch_size=patch_size, stride=stride, sigma_p=sigma_p, blur_kernel=blur_kernel,
+                                 sigma_s=sigma_s, reference=reference, chunk_rows=chunk_rows,
+                                 normalize=normalize, seed=seed)
+        except TexadError as err:
+            raise TexadError(f"method: {err}") from err
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def predict_maps(self, batch: Batch) -> dict[str, Any]:
+        feats = self.feature_map(batch.image)
+        check_map_fits(self.hparams.patch_size, *feats.shape[-2:], self.model.describe())
+        maps = self.model.fca(feats)
+        amap = F.interpolate(maps[:, None], size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}

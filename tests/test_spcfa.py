@@ -1,0 +1,118 @@
+"""Sp-CFA: superpixel views reach the model, off views cost nothing, and sweeps reuse trained views."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import lightning as L
+import numpy as np
+import torch
+
+from conftest import TINY, compose_cfg, run_entry
+from texad.data.superpixel_views import SuperpixelViews
+from texad.methods.superpixels import SuperpixelCache, slic_labels
+from texad.pipeline import build
+
+SPCFA_TINY = [*TINY, "method=spcfa", "method.epochs=1", "dataset.num_workers=0"]
+
+
+def test_superpixel_views_builder_is_picklable_and_keyed_by_pixels(tmp_path):
+    views = SuperpixelViews([8, 16], tmp_path / "sp")
+    views = pickle.loads(pickle.dumps(views))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    item = views(image, str(tmp_path / "a.png"), (0.5,) * 3, (0.5,) * 3)
+    assert item["superpixels"].shape == (2, 64, 64) and item["superpixels"].dtype == torch.int64
+    assert item["mosaics"].shape == (2, 3, 64, 64) and item["mosaics"].dtype == torch.float32
+    # a synthetic-defect copy of the same file is a different image: a different cache entry
+    cache = SuperpixelCache(tmp_path / "sp")
+    changed = image.copy()
+    changed[20:30, 20:30] = 255
+    assert cache.key(str(tmp_path / "a.png"), image, 8) != cache.key(str(tmp_path / "a.png"), changed, 8)
+
+
+def test_mosaic_views_reach_the_model_and_null_views_are_not_computed(tmp_path):
+    cfg = compose_cfg("train", [*SPCFA_TINY, "method.region_sizes=[8,null]", "method.alpha=[0.5,0.5,0.0]"],
+                      tmp_path / "run")
+    L.seed_everything(cfg.seed)
+    datamodule, method = build(cfg)
+    assert method.model.view_names == ["org", "small"] and "big" not in method.model.heads
+    assert datamodule.views.region_sizes == [8]
+
+    # validation items (with planted synthetic defects) get labels of the image the model sees
+    datamodule.setup("fit")
+    val = datamodule.val_dataset()
+    synthetic = max(val.synthetic)
+    image = val.load(synthetic)[0]
+    item = val[synthetic]
+    assert torch.equal(item["superpixels"][0], torch.from_numpy(slic_labels(image, 8, **datamodule.views.slic)).long())
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(method, datamodule=datamodule)
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch.superpixels.shape == (len(batch), 1, 64, 64)
+    assert batch.extra["mosaics"].shape == (len(batch), 1, 3, 64, 64)
+    method.eval()
+    with torch.no_grad():
+        out = method.predict_maps(batch)
+    assert out["anomaly_map"].shape == (len(batch), 64, 64)
+    assert set(out["view_maps"]) == {"org", "small"}
+    assert not torch.allclose(out["view_maps"]["org"], out["view_maps"]["small"])
+
+
+def test_cfa_view_is_the_same_with_or_without_superpixel_views(tmp_path):
+    """The original view's initial weights (hence training) do not depend on the other views."""
+    heads = {}
+    for name, extra in (("cfa", ["method=cfa"]), ("spcfa", ["method.region_sizes=[8,16]"])):
+        cfg = compose_cfg("train", [*SPCFA_TINY, *extra], tmp_path / name)
+        L.seed_everything(cfg.seed)
+        heads[name] = build(cfg)[1].model.heads
+        after = torch.rand(1)  # the global RNG after building must be the same too
+        heads[name + "_rng"] = after
+    for key, value in heads["cfa"]["org"].state_dict().items():
+        assert torch.equal(value, heads["spcfa"]["org"].state_dict()[key]), key
+    assert torch.equal(heads["cfa_rng"], heads["spcfa_rng"])
+
+
+def _view_cache(run_dir):
+    return json.loads((run_dir / "view_cache.json").read_text())
+
+
+def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_entry(
+        "train.py", "-m", *SPCFA_TINY, "method.region_sizes=[8,16]",
+        "method.alpha=[0.5,0.25,0.25],[0.2,0.2,0.6]",
+        f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+    )
+    first, second = _view_cache(sweep / "0"), _view_cache(sweep / "1")
+    assert first["heads"] == {"org": "trained", "small": "trained", "big": "trained"}
+    assert second["heads"] == {"org": "hit", "small": "hit", "big": "hit"}  # no retraining
+    assert second["maps"]["test"] == {"org": "hit", "small": "hit", "big": "hit"}
+    assert not (sweep / "1" / "checkpoints" / "epoch_000.ckpt").exists()
+    m0 = json.loads((sweep / "0" / "metrics.json").read_text())
+    m1 = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert m0["pixel_aupr"] != m1["pixel_aupr"]  # same views, other α, other fused map
+
+    # α re-fusion on validation maps, then test metrics at that α
+    out = tmp_path / "eval"
+    run_entry("evaluate.py", f"ckpt_path={sweep / '1' / 'checkpoints' / 'last.ckpt'}", "fusion.search=grid",
+              "fusion.step=0.25", "logger=none", f"hydra.run.dir={out}")
+    record = json.loads((out / "metrics.json").read_text())
+    fusion = record["fusion"]
+    assert fusion["n_points"] == 15 and abs(sum(fusion["alpha"]) - 1.0) < 1e-9
+    assert fusion["val_metric"] == record["val"]["pixel_aupr"]
+    assert record["pixel_aupr"] is not None and "test_at_trained_alpha" in fusion
+
+
+def test_region_size_sweep_reuses_the_shared_views(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_entry(
+        "train.py", "-m", *SPCFA_TINY, "method.region_sizes=[8,null],[8,16]",
+        "method.alpha=[0.5,0.5,0.0]", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+    )
+    assert _view_cache(sweep / "0")["heads"] == {"org": "trained", "small": "trained"}
+    assert _view_cache(sweep / "1")["heads"] == {"org": "hit", "small": "hit", "big": "trained"}
+    assert (sweep / "1" / "metrics.json").is_file()
