@@ -122,6 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [checkpoint, *instantiate_callbacks(cfg.get("callbacks"))]
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
+        if not (ckpt_dir / LAST_CKPT).is_file():  # e.g. epochs=0: the model is its memory bank
+            trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
         rank = trainer.global_rank
         leave_process_group()
         if rank != 0:

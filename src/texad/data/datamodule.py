@@ -152,7 +152,12 @@ class AnomalyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
-        split = self.list_samples()
+        try:
+            split = self.list_samples()
+        except TexadError as err:
+            if self.setting == "blind" and "no test images" in str(err):
+                raise TexadError(f"setting=blind needs a test split, but dataset {self.name!r} has none ({err})") from err
+            raise
         if self.setting == "blind":
             if not split.test:
                 raise TexadError(f"setting=blind needs a test split, but dataset {self.name!r} has none")
