@@ -120,6 +120,7 @@ class AnomalyClustering(AnomalyModule):
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         fca: dict | None = None,
+        fca_layers: tuple[int, ...] = (0,),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -135,7 +136,7 @@ class AnomalyClustering(AnomalyModule):
         if margin <= 0:
             raise TexadError(f"method.margin must be positive, got {margin}")
         self.save_hyperparameters(ignore=["backbone"])
-        self.model = ClusteringModel(backbone, hidden_channels, out_channels, fca)
+        self.model = ClusteringModel(backbone, hidden_channels, out_channels, fca, tuple(fca_layers))
         self.metrics["test_cluster"] = ClusteringMetrics()
         self.metrics["test_cluster_raw"] = ClusteringMetrics()
         self.maps_source = "dir" if maps_dir else maps_from
@@ -179,7 +180,7 @@ class AnomalyClustering(AnomalyModule):
             if batch.mask is None:
                 raise TexadError("method.maps_from=gt needs ground-truth masks, but this data set has none")
             return batch.mask[:, 0].float()
-        amap = self.model.fca(features)
+        amap = self.model.fca(features[:, self.model.fca_channels])
         return F.interpolate(amap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def _image_data(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
