@@ -43,3 +43,23 @@ def test_joblib_launcher_runs_a_two_job_sweep(tmp_path):
     assert all(r["pixel_auroc"] is not None for r in records)
     assert records[0]["pixel_auroc"] != records[1]["pixel_auroc"]  # the swept value really changed
     assert (sweep / "summary.csv").is_file()
+
+
+def test_frozen_feature_cache_changes_nothing_and_is_reused_across_runs(tmp_path):
+    from conftest import compose_cfg
+    from texad.pipeline import train
+
+    def run(name, *extra):
+        overrides = [*TINY, "method.epochs=2", f"paths.cache_dir={tmp_path}/cache",
+                     "eval_callbacks.test_outputs.max_overlays_per_type=0", *extra]
+        return train(compose_cfg("train", overrides, tmp_path / name))
+
+    plain = run("plain")
+    cached = run("cached", "dataset.cache_features=true")
+    again = run("again", "dataset.cache_features=true")
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_aupr", "image_auroc"):
+        assert cached[key] == pytest.approx(plain[key], abs=1e-6), key
+        assert again[key] == pytest.approx(plain[key], abs=1e-6), key
+    n_train = cached["feature_cache"]["misses"]
+    assert n_train > 0 and cached["feature_cache"]["hits"] == n_train  # epoch 2 reused epoch 1
+    assert again["feature_cache"] == {"hits": 2 * n_train, "misses": 0}  # loaded from disk

@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)
-    record = metrics_record(cfg, results, time.time() - start)
+    record = metrics_record(cfg, results, time.time() - start, getattr(method, "fit_info", None))
     write_json(out_dir / "metrics.json", record)
     log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
     return record

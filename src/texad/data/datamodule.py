@@ -89,6 +89,7 @@ class AnomalyDataset(Dataset):
             "label": -1 if self.hide_labels else label,
             "defect_type": "unknown" if self.hide_labels else defect_type,
             "path": str(self.samples[index].path) + (f"#synthetic-{defect_type}" if index in self.synthetic else ""),
+            "index": torch.tensor(index),
         }
         if self.views is not None:
             item.update(self.views(image, str(self.samples[index].path), self.mean, self.std))
@@ -128,6 +129,7 @@ class AnomalyDataModule(L.LightningDataModule):
         setting: str = "standard",
         seed: int = 0,
         name: str = "dataset",
+        cache_features: bool = False,
     ) -> None:
         super().__init__()
         if setting not in SETTINGS:
@@ -140,6 +142,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction, self.val_synthetic = val_fraction, val_synthetic
         self.setting, self.seed, self.name = setting, seed, name
+        self.cache_features = cache_features  # methods may reuse frozen training features across epochs
         self.views = None  # set by methods that need superpixel views (Sp-CFA)
         self.split: SampleSplit | None = None
         self.train_samples: list[Sample] = []

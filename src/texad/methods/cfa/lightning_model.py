@@ -137,6 +137,7 @@ class CFA(AnomalyModule):
     def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
         """Load cached views and freeze them; fit only when some view is not cached."""
         self.frozen_views = set()
+        self._setup_feature_cache(cfg, datamodule)
         if self._cache is None:
             return True
         heads = {}
@@ -153,8 +154,39 @@ class CFA(AnomalyModule):
         log.info("view cache: %s", ", ".join(f"{v} {h} ({self.view_keys[v][:10]})" for v, h in heads.items()))
         return len(self.frozen_views) < len(self.model.view_names)
 
+    def _setup_feature_cache(self, cfg: Any, datamodule: Any) -> None:
+        """With dataset.cache_features, memoise frozen training features (in memory and on disk)."""
+        self._feature_cache = None
+        if not getattr(datamodule, "cache_features", False):
+            return
+        from texad.feature_cache import FrozenFeatureCache, feature_key
+
+        datamodule.setup("fit")
+        description = {
+            "train": [str(s.path) for s in datamodule.train_samples],
+            "image_size": datamodule.image_size,
+            "mean": datamodule.mean,
+            "std": datamodule.std,
+            "backbone": dict(cfg.backbone),
+            "pool": self.hparams.pool,
+            "views": {v: self.model.region_sizes.get(v) for v in self.model.view_names},
+            "slic": dict(self.hparams.slic or {}),
+        }
+        path = Path(str(cfg.paths.cache_dir)) / "features" / f"{feature_key(description)}.pt"
+        self._feature_cache = FrozenFeatureCache(len(datamodule.train_samples), path)
+
+    def _train_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
+        cache = getattr(self, "_feature_cache", None)
+        if cache is None:
+            return self._feats(batch, views)
+        return cache.features(batch.extra["index"], views, lambda: self._feats(batch, views))
+
     def finish_fit(self, cfg: Any, datamodule: Any) -> None:
-        """Store the views this fit trained."""
+        """Store the views this fit trained (and the frozen features, when cached)."""
+        cache = getattr(self, "_feature_cache", None)
+        if cache is not None:
+            cache.save()
+            self.fit_info["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
         if self._cache is None:
             return
         for v in self.model.view_names:
@@ -190,7 +222,7 @@ class CFA(AnomalyModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         trainable = [v for v in self.model.view_names if v not in self.frozen_views]
-        loss, parts = self.model.loss(self._feats(batch, trainable))
+        loss, parts = self.model.loss(self._train_feats(batch, trainable))
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
         for v, p in parts.items():
             self.log(f"train/loss_{v}", p, on_step=False, on_epoch=True, batch_size=len(batch))
