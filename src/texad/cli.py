@@ -58,8 +58,8 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
         key, sep, value = arg.partition("=")
         if not sep or key.startswith(("+", "~", "-")) or "." in key or "(" in value:
             continue
-        if not (conf_dir / key).is_dir() or key == "hydra":
-            continue
+        if "/" in key or key == "hydra" or not (conf_dir / key).is_dir():
+            continue  # nested groups (hydra/launcher=joblib) may come from plugins
         choices = config_choices(conf_dir, key)
         for option in value.split(","):
             if option and option != "null" and option not in choices:
