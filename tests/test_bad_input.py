@@ -105,3 +105,31 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, crash)
     assert target.read_text().strip().startswith("{") and '"pixel_auroc": 0.5' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_ksdd2_and_mtd_layouts_are_read(tmp_path):
+    from texad.data.layout import read_ksdd2, read_mtd
+
+    rng = np.random.default_rng(0)
+    blank, spot = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    spot[4:8, 4:8] = 255
+    for split, items in (("train", [blank, blank, spot]), ("test", [blank, spot])):
+        (tmp_path / "ksdd2" / split).mkdir(parents=True)
+        for i, gt in enumerate(items):
+            cv2.imwrite(str(tmp_path / "ksdd2" / split / f"{i}.png"), rng.integers(0, 255, (16, 16), np.uint8))
+            cv2.imwrite(str(tmp_path / "ksdd2" / split / f"{i}_GT.png"), gt)
+    split = read_ksdd2(tmp_path / "ksdd2")
+    assert len(split.train) == 2 and all(s.label == 0 for s in split.train)  # the defective one is left out
+    assert [s.label for s in split.test] == [0, 1] and split.has_masks
+
+    for kind, n in (("MT_Free", 5), ("MT_Crack", 2)):
+        (tmp_path / "mtd" / kind / "Imgs").mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / "mtd" / kind / "Imgs" / f"{i}.jpg"), rng.integers(0, 255, (16, 16), np.uint8))
+            cv2.imwrite(str(tmp_path / "mtd" / kind / "Imgs" / f"{i}.png"), spot if kind != "MT_Free" else blank)
+    a, b = read_mtd(tmp_path / "mtd", 0.6, seed=1), read_mtd(tmp_path / "mtd", 0.6, seed=1)
+    assert [s.path for s in a.train] == [s.path for s in b.train]  # deterministic split
+    assert len(a.train) == 3 and sum(s.label == 0 for s in a.test) == 2
+    assert {s.defect_type for s in a.test if s.label} == {"crack"}
+    with pytest.raises(TexadError, match="MT_Free"):
+        read_mtd(tmp_path / "ksdd2")
