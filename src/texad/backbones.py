@@ -40,12 +40,9 @@ def _package_weights_path(name: str) -> Path:
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise TexadError(f"backbone.checkpoint: weights file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TexadError(f"backbone.checkpoint: cannot read weights file {str(path)!r}: {err}") from err
+    from texad.outputs import read_torch_file
+
+    state = read_torch_file(path, "backbone.checkpoint: weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

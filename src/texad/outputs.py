@@ -49,3 +49,18 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
 
 def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def read_torch_file(path: str | Path, what: str, weights_only: bool = True) -> Any:
+    """torch.load with errors that name the file and the config key it came from."""
+    import torch
+
+    from texad.errors import TexadError
+
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise TexadError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise TexadError(f"{what}: cannot read {str(path)!r}: {err}") from err

@@ -160,13 +160,10 @@ def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:
 
 
 def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
+    from texad.outputs import read_torch_file
+
     path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise TexadError(f"ckpt_path {str(path)!r} does not exist (expected <run dir>/checkpoints/last.ckpt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise TexadError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+    checkpoint = read_torch_file(path, "ckpt_path (expected <run dir>/checkpoints/last.ckpt)", weights_only=False)
     saved = checkpoint.get("texad_config") if isinstance(checkpoint, dict) else None
     if not saved:
         raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
