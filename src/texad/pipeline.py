@@ -40,7 +40,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    """`logger=` is one logger config (csv, wandb, tensorboard) or, for several, a dict of them."""
     loggers = cfg.get("logger") or {}
+    if "_target_" in loggers:
+        return [instantiate(loggers)]
     return [instantiate(conf) for conf in loggers.values() if conf is not None and "_target_" in conf]
 
 
