@@ -60,3 +60,14 @@ def tiny_cfg(tmp_path):
         return compose_cfg(config_name, [*TINY, *overrides], tmp_path / "run")
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one torch thread avoids oversubscription stalls on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,12 +10,7 @@ from texad.errors import TexadError
 from texad.methods.blind_vae import BlindVAEMethod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_py_fits_the_vae_on_the_blind_set_and_scores_both_ways(tiny_cfg, tmp_path):

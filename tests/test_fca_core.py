@@ -10,13 +10,6 @@ from texad.errors import TexadError
 from texad.methods.fca import FCA, patch_reference
 
 
-@pytest.fixture
-def one_thread():
-    """Small maps: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def brute_force_fca(x: np.ndarray, t: int, stride: int = 1, sigma_p: float = 3.0, blur_kernel: int = 5,

@@ -14,13 +14,7 @@ from texad.methods.fca import FCAMethod
 from texad.methods.fca.bench import time_fca
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small maps: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

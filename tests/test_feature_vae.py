@@ -48,13 +48,6 @@ def test_shapes_and_loss_terms():
     torch.testing.assert_close(vae.reconstruct(x), vae.reconstruct(x))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_training_lowers_loss_and_rare_vectors_keep_larger_residuals(one_thread):

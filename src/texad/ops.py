@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -40,4 +39,4 @@ def chunk_rows_for_budget(n_cols: int, bytes_per_elem: int, budget_mb: float) ->
     return max(1, int(budget_mb * 2**20 // max(1, n_cols * bytes_per_elem)))
 
 
-__all__ = ["chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d", "math"]
+__all__ = ["chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d"]
