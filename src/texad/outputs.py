@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,23 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
 
 def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+_NPZ_READ_LOCK = threading.Lock()
+
+
+def read_npz_array(path: str | Path, key: str):
+    """One array from an .npz file, read under a process-wide lock.
+
+    numpy parses each array header with ``ast.literal_eval``, and CPython 3.11's parser is not
+    thread-safe ("AST constructor recursion depth mismatch"), so concurrent readers in threads
+    (thread pools, threaded loaders) would fail at random without the lock. Arrays are small;
+    the lock costs nothing measurable.
+    """
+    import numpy as np
+
+    with _NPZ_READ_LOCK, np.load(path) as stored:
+        return stored[key]
 
 
 def read_torch_file(path: str | Path, what: str, weights_only: bool = True) -> Any:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from texad.errors import TexadError
+from texad.outputs import read_npz_array
 
 __all__ = [
     "MosaicLayout",
@@ -355,8 +356,7 @@ class SuperpixelCache:
         target = self.path_for(self.key(image_path, image, region_size, **slic_kwargs))
         if target.exists():
             try:
-                with np.load(target) as stored:
-                    labels = stored["labels"]
+                labels = read_npz_array(target, "labels")
                 if labels.shape == image.shape[:2]:
                     return labels.astype(np.int32, copy=False)
             except (OSError, ValueError, KeyError, EOFError):

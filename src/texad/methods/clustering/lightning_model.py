@@ -44,6 +44,7 @@ from texad.methods.clustering.torch_model import (
     weighted_descriptors,
 )
 from texad.metrics.clustering import ClusteringMetrics
+from texad.outputs import read_npz_array
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def load_stored_maps(maps_dir: str | Path, samples: list, image_size: tuple[int,
     maps = {}
     for file, sample in expected.items():
         try:
-            with np.load(file) as data:
-                amap = np.asarray(data["anomaly_map"], dtype=np.float32)
+            amap = np.asarray(read_npz_array(file, "anomaly_map"), dtype=np.float32)
         except Exception as err:
             raise TexadError(f"method.maps_dir: cannot read 'anomaly_map' from {str(file)!r}: {err}") from err
         if amap.shape != tuple(image_size):
