@@ -16,6 +16,25 @@ def test_chunked_nearest_search_equals_brute_force():
     d, i = nearest_sq_distances(q, c, 5, budget_mb=0.01)  # forces many small chunks
     assert torch.allclose(d, ref_d, atol=1e-4)
     assert torch.equal(i, ref_i)
+    # training path: distances recomputed as ‖q − c‖², differentiable in the queries
+    q_train = q.clone().requires_grad_()
+    d_train, i_train = nearest_sq_distances(q_train, c, 5, budget_mb=0.01)
+    assert torch.equal(i_train, ref_i) and torch.allclose(d_train, ref_d, atol=1e-4)
+    d_train[:, 0].sum().backward()
+    assert torch.allclose(q_train.grad, 2 * (q - c[ref_i[:, 0]]), atol=1e-4)
+
+
+def test_blocked_selection_is_exact_for_any_bank_size():
+    """The block-minimum shortcut and the padding of a bank that is not a square number change nothing."""
+    g = torch.Generator().manual_seed(1)
+    for m, k in [(1, 1), (7, 3), (50, 6), (101, 3), (257, 6), (1000, 1)]:
+        q, c = torch.randn(300, 12, generator=g), torch.randn(m, 12, generator=g)
+        ref_d, ref_i = (torch.cdist(q, c, compute_mode="donot_use_mm_for_euclid_dist") ** 2).topk(
+            min(k, m), dim=1, largest=False
+        )
+        d, i = nearest_sq_distances(q, c, k)
+        assert torch.allclose(d, ref_d, atol=1e-4), (m, k)
+        assert torch.equal(i, ref_i), (m, k)
 
 
 def test_memory_bank_is_descriptor_of_the_mean_feature_map():

@@ -63,3 +63,30 @@ def test_frozen_feature_cache_changes_nothing_and_is_reused_across_runs(tmp_path
     n_train = cached["feature_cache"]["misses"]
     assert n_train > 0 and cached["feature_cache"]["hits"] == n_train  # epoch 2 reused epoch 1
     assert again["feature_cache"] == {"hits": 2 * n_train, "misses": 0}  # loaded from disk
+
+
+def test_bench_prints_the_figures_of_every_method(tmp_path):
+    """`python -m texad.bench` on tiny sizes: one JSON object with every figure the issue asks for."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "texad.bench", "--methods", "cfa,fca", "--size", "64", "--n-train", "2",
+        "--batch", "2", "--epochs", "2", "--repeats", "1", "--metric-images", "6",
+        "--refusion-points", "2", "--refusion-images", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    cfa = report["methods"]["cfa"]
+    assert "error" not in cfa, cfa
+    for key in ("train_images_per_s", "inference_images_per_s", "backbone_images_per_s", "inference_over_backbone", "peak_rss_mb"):
+        assert cfa[key] > 0, key
+    assert cfa["exact_search"]["queries"] == 2 * 16 * 16  # 64² input, stride-4 features
+    assert cfa["exact_search"]["matmul_over_backbone"] > 0
+    fca = report["methods"]["fca"]
+    assert "error" not in fca and fca["inference_over_backbone"] > 0
+    assert report["pixel_metrics"]["n_images"] == 6 and report["pixel_metrics"]["aupro_s"] > 0
+    assert report["alpha_refusion"]["n_points"] == 2

@@ -33,6 +33,50 @@ def _median_time(fn, repeats: int) -> float:
     return times[len(times) // 2]
 
 
+def _interleaved_median_times(fns: list, repeats: int) -> list[float]:
+    """Median time of each function, measured in alternation so that drifts in machine load
+    (shared CPUs, frequency changes) hit all of them alike and their ratios stay meaningful."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - t0)
+    return [sorted(bucket)[len(bucket) // 2] for bucket in times]
+
+
+def _exact_search_floor(model, batch_image) -> tuple[Any, dict[str, Any]] | None:
+    """The bare query×centroid products of every CFA view for this batch: the least work any exact
+    global nearest-centroid search must do. Its time bounds how close inference can get to the backbone."""
+    import torch
+
+    heads = getattr(getattr(model, "model", None), "heads", None)
+    if heads is None:
+        return None
+    from texad.methods.cfa.memory_bank import MAX_CHUNK_ROWS
+
+    with torch.inference_mode():
+        feats = model.model.features(batch_image)
+    n_queries = feats.shape[0] * feats.shape[2] * feats.shape[3]
+    gen = torch.Generator(device=batch_image.device).manual_seed(0)
+    products = []
+    for head in heads.values():
+        bank = head.bank.centroids
+        queries = torch.randn(n_queries, bank.shape[1], generator=gen, device=bank.device)
+        products.append((queries, bank.t().contiguous()))
+
+    def run():
+        with torch.inference_mode():
+            for queries, bank_t in products:
+                for start in range(0, queries.shape[0], MAX_CHUNK_ROWS):
+                    torch.mm(queries[start : start + MAX_CHUNK_ROWS], bank_t)
+            if batch_image.is_cuda:
+                torch.cuda.synchronize()
+
+    shape = {"views": len(products), "queries": n_queries, "bank": list(heads["org"].bank.centroids.shape)}
+    return run, shape
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -46,7 +90,9 @@ def _compose(overrides: list[str], output_dir: str):
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
-def measure_method(method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str]) -> dict[str, Any]:
+def measure_method(
+    method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str], repeats: int = 9
+) -> dict[str, Any]:
     """Fit `epochs` epochs on the embedded gravel set, then time inference against the backbone."""
     import lightning as L
     import torch
@@ -111,7 +157,8 @@ def measure_method(method: str, size: int, n_train: int, batch: int, epochs: int
             torch.cuda.synchronize()
 
     def backbone_forward():
-        backbone(batch_data.image)
+        with torch.inference_mode():
+            backbone(batch_data.image)
         sync()
 
     def inference():
@@ -119,9 +166,12 @@ def measure_method(method: str, size: int, n_train: int, batch: int, epochs: int
             model.predict_maps(batch_data)
         sync()
 
-    backbone_forward(), inference()  # warm-up
-    t_backbone = _median_time(backbone_forward, 5)
-    t_infer = _median_time(inference, 5)
+    floor = _exact_search_floor(model, batch_data.image)
+    timed = [backbone_forward, inference] + ([floor[0]] if floor else [])
+    for fn in timed:  # warm-up
+        fn()
+    medians = _interleaved_median_times(timed, repeats)
+    t_backbone, t_infer = medians[0], medians[1]
     n = len(batch_data)
     result.update(
         backbone_images_per_s=round(n / t_backbone, 2),
@@ -129,6 +179,13 @@ def measure_method(method: str, size: int, n_train: int, batch: int, epochs: int
         inference_over_backbone=round(t_infer / t_backbone, 3),
         peak_rss_mb=round(_peak_rss_mb(), 1),
     )
+    if floor:
+        result["exact_search"] = {
+            **floor[1],
+            "matmul_over_backbone": round(medians[2] / t_backbone, 3),
+            "note": "time of the bare query x centroid products alone (any exact global search computes them), "
+            "as a multiple of the backbone forward",
+        }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
@@ -185,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2, help="training epochs per method (first one excluded from images/s)")
+    p.add_argument("--repeats", type=int, default=9, help="timed repetitions (interleaved) of each inference measurement")
     p.add_argument("--metric-images", type=int, default=117)
     p.add_argument("--refusion-points", type=int, default=100)
     p.add_argument("--refusion-images", type=int, default=100)
@@ -194,14 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.passthrough = [
         "--size", str(args.size), "--n-train", str(args.n_train), "--batch", str(args.batch),
-        "--epochs", str(args.epochs), "--metric-images", str(args.metric_images),
+        "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--metric-images", str(args.metric_images),
         "--refusion-points", str(args.refusion_points), "--refusion-images", str(args.refusion_images),
         *[f"--override={o}" for o in args.override],
     ]
     if args.child:
         kind, _, name = args.child.partition(":")
         if kind == "method":
-            res = measure_method(name, args.size, args.n_train, args.batch, args.epochs, args.override)
+            res = measure_method(name, args.size, args.n_train, args.batch, args.epochs, args.override, args.repeats)
         elif kind == "metrics":
             res = measure_metrics(args.metric_images, args.size)
         else:
