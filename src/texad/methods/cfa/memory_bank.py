@@ -33,11 +33,11 @@ def _smallest_k(dist: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, t
     rows, m = dist.shape
     if k * block >= m:
         return dist.topk(k, dim=1, largest=False, sorted=False)
-    blocks = dist.view(rows, m // block, block).amin(dim=2).topk(k, dim=1, largest=False, sorted=False).indices
-    offsets = torch.arange(block, device=dist.device)
-    candidates = (blocks[:, :, None] * block + offsets).reshape(rows, k * block)
-    values, picked = dist.gather(1, candidates).topk(k, dim=1, largest=False, sorted=False)
-    return values, candidates.gather(1, picked)
+    blocked = dist.view(rows, m // block, block)
+    blocks = blocked.amin(dim=2).topk(k, dim=1, largest=False, sorted=False).indices  # (R, k)
+    candidates = blocked.gather(1, blocks[:, :, None].expand(-1, -1, block)).view(rows, k * block)
+    values, picked = candidates.topk(k, dim=1, largest=False, sorted=False)
+    return values, blocks.gather(1, picked // block) * block + picked % block
 
 
 def nearest_sq_distances(
