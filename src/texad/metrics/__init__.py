@@ -21,19 +21,13 @@ from texad.metrics.functional import (
 from texad.metrics.image import ImageMetrics
 from texad.metrics.pixel import PixelMetrics
 
+from texad.metrics import functional as _functional
+
 __all__ = [
     "PixelMetrics",
     "ImageMetrics",
     "ClusteringMetrics",
-    "OperatingPoints",
-    "operating_points",
-    "roc_auc",
-    "average_precision",
-    "best_f1",
-    "label_regions",
-    "aupro",
-    "pro_curve",
-    "pixel_scores",
+    *_functional.__all__,
     "contingency_matrix",
     "normalized_mutual_info",
     "adjusted_rand_index",
