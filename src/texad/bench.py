@@ -23,16 +23,6 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _interleaved_median_times(fns: list, repeats: int) -> list[float]:
     """Median time of each function, measured in alternation so that drifts in machine load
     (shared CPUs, frequency changes) hit all of them alike and their ratios stay meaningful."""
@@ -45,6 +35,10 @@ def _interleaved_median_times(fns: list, repeats: int) -> list[float]:
     return [sorted(bucket)[len(bucket) // 2] for bucket in times]
 
 
+def _median_time(fn, repeats: int) -> float:
+    return _interleaved_median_times([fn], repeats)[0]
+
+
 def _exact_search_floor(model, batch_image) -> tuple[Any, dict[str, Any]] | None:
     """The bare query×centroid products of every CFA view for this batch: the least work any exact
     global nearest-centroid search must do. Its time bounds how close inference can get to the backbone."""
@@ -53,7 +47,7 @@ def _exact_search_floor(model, batch_image) -> tuple[Any, dict[str, Any]] | None
     heads = getattr(getattr(model, "model", None), "heads", None)
     if heads is None:
         return None
-    from texad.methods.cfa.memory_bank import MAX_CHUNK_ROWS
+    from texad.methods.cfa.memory_bank import search_chunk_rows
 
     with torch.inference_mode():
         feats = model.model.features(batch_image)
@@ -63,13 +57,14 @@ def _exact_search_floor(model, batch_image) -> tuple[Any, dict[str, Any]] | None
     for head in heads.values():
         bank = head.bank.centroids
         queries = torch.randn(n_queries, bank.shape[1], generator=gen, device=bank.device)
-        products.append((queries, bank.t().contiguous()))
+        rows = search_chunk_rows(bank.shape[0], head.budget_mb, bank.device)
+        products.append((queries, bank.t().contiguous(), rows))
 
     def run():
         with torch.inference_mode():
-            for queries, bank_t in products:
-                for start in range(0, queries.shape[0], MAX_CHUNK_ROWS):
-                    torch.mm(queries[start : start + MAX_CHUNK_ROWS], bank_t)
+            for queries, bank_t, rows in products:
+                for start in range(0, queries.shape[0], rows):
+                    torch.mm(queries[start : start + rows], bank_t)
             if batch_image.is_cuda:
                 torch.cuda.synchronize()
 

@@ -110,6 +110,17 @@ def overlay_figure(
     return fig
 
 
+def _finish_unit_curve(ax, xlabel: str, ylabel: str, legend_loc: str, title: str, note: str) -> None:
+    """Axes of a curve on the unit square (PR, PRO): limits, labels, grid, legend, title (+ note)."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=8)
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
+
+
 def pr_figure(
     precision: np.ndarray,
     recall: np.ndarray,
@@ -132,13 +143,7 @@ def pr_figure(
         ax.plot(best[0], best[1], "o", color="C3", label=f"best F1 = {best[2]:.3f} at t = {best[3]:.4g}")
     if operating is not None:
         ax.plot(operating[0], operating[1], "s", color="C2", label=f"{operating[3]} t = {operating[2]:.4g}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"Pixel precision-recall — AP = {ap:.3f}" + (f"\n{note}" if note else ""), fontsize=10)
+    _finish_unit_curve(ax, "recall", "precision", "upper right", f"Pixel precision-recall — AP = {ap:.3f}", note)
     return fig
 
 
@@ -153,13 +158,10 @@ def pro_figure(fpr: np.ndarray, pro: np.ndarray, *, aupro: float, fpr_limit: flo
         y = np.append(pro[inside], np.interp(fpr_limit, fpr, pro))
         ax.fill_between(x, y, color="C1", alpha=0.2, label=f"area integrated (FPR ≤ {fpr_limit:g}), ÷ {fpr_limit:g}")
     ax.axvline(fpr_limit, color="grey", linestyle="--", linewidth=1, label=f"FPR limit {fpr_limit:g}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false-positive rate (normal pixels)")
-    ax.set_ylabel("per-region overlap")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"PRO curve — AUPRO@{fpr_limit:g} = {aupro:.3f}" + (f"\n{note}" if note else ""), fontsize=10)
+    _finish_unit_curve(
+        ax, "false-positive rate (normal pixels)", "per-region overlap", "lower right",
+        f"PRO curve — AUPRO@{fpr_limit:g} = {aupro:.3f}", note,
+    )
     return fig
 
 

@@ -22,6 +22,12 @@ from texad.ops import chunk_rows_for_budget
 MAX_CHUNK_ROWS = 1024
 
 
+def search_chunk_rows(n_centroids: int, budget_mb: float, device: torch.device) -> int:
+    """Query rows per chunk of the search: as many as `budget_mb` allows, at most MAX_CHUNK_ROWS on CPU."""
+    rows = chunk_rows_for_budget(n_centroids, 4 * 3, budget_mb)
+    return min(rows, MAX_CHUNK_ROWS) if device.type == "cpu" else rows
+
+
 def _smallest_k(dist: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Values and column indices of the k smallest entries of each row of `dist` (R, M), in no set order.
 
@@ -71,9 +77,7 @@ def nearest_sq_distances(
             ranking_bank = torch.cat([ranking_bank, pad])
         ranking_bank_t = ranking_bank.t().contiguous()
         ranking_queries = torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)
-        rows = chunk_rows_for_budget(padded, 4 * 3, budget_mb)
-        if bank.device.type == "cpu":
-            rows = min(rows, MAX_CHUNK_ROWS)
+        rows = search_chunk_rows(padded, budget_mb, bank.device)
         value_chunks, idx_chunks = [], []
         for start in range(0, q.shape[0], rows):
             ranking = torch.mm(ranking_queries[start : start + rows], ranking_bank_t)
