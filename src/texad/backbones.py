@@ -137,11 +137,11 @@ class FeatureExtractor(nn.Module):
             self.model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=self.layers)
         except Exception as err:
             raise TexadError(f"backbone.layers={list(self.layers)} is not valid for {name!r}: {err}") from err
-        own = self.model.state_dict()
-        missing = [k for k in own if k not in full.state_dict()]
+        own, source = self.model.state_dict(), full.state_dict()
+        missing = [k for k in own if k not in source]
         if missing:  # pragma: no cover - would be a timm change
             raise TexadError(f"backbone {name!r}: feature model keys missing from classifier: {missing[:3]}")
-        self.model.load_state_dict({k: v for k, v in full.state_dict().items() if k in own})
+        self.model.load_state_dict({k: v for k, v in source.items() if k in own})
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()

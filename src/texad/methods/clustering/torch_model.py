@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from texad.backbones import local_average_and_concat
 from texad.errors import TexadError
 from texad.methods.fca.torch_model import gaussian_kernel_1d
 
@@ -207,11 +208,7 @@ class ClusteringModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         from texad.methods.fca.torch_model import scale_features_minmax
 
-        layers = self.backbone(images)
-        size = layers[0].shape[-2:]
-        layers = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                  for f in layers]
-        return scale_features_minmax(torch.cat(layers, dim=1))
+        return scale_features_minmax(local_average_and_concat(self.backbone(images), pool=1))
 
     def head_features(self, features: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """The head on whole feature maps, a few images at a time."""

@@ -23,7 +23,7 @@ from torch import nn
 from texad.backbones import FeatureExtractor
 from texad.errors import TexadError
 
-__all__ = ["LayerView", "resize_for_features", "concat_layers"]
+__all__ = ["LayerView", "resize_for_features"]
 
 
 class LayerView(nn.Module):
@@ -43,14 +43,14 @@ class LayerView(nn.Module):
             net.prune_intermediate_layers(indices=self.layers, prune_norm=True, prune_head=True)
         except Exception as err:
             raise TexadError(f"{key}={self.layers} is not valid for backbone {backbone.name!r}: {err}") from err
-        source = backbone.model.state_dict()
-        missing = [k for k in net.state_dict() if k not in source]
+        source, own = backbone.model.state_dict(), net.state_dict()
+        missing = [k for k in own if k not in source]
         if missing:
             raise TexadError(
                 f"{key}={self.layers} needs blocks that the backbone (backbone.layers={list(backbone.layers)}) "
                 f"does not hold (e.g. {missing[0]}); add the layer to backbone.layers"
             )
-        net.load_state_dict({k: v for k, v in source.items() if k in net.state_dict()})
+        net.load_state_dict({k: v for k, v in source.items() if k in own})
         self.net = net.eval().requires_grad_(False)
         self.name = backbone.name
         with torch.no_grad():
@@ -77,10 +77,3 @@ def resize_for_features(images: torch.Tensor, input_size: int | None) -> torch.T
     if size == (h, w):
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-
-
-def concat_layers(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Several layers as one map: each bilinearly resized to the finest one, then concatenated."""
-    size = maps[0].shape[-2:]
-    return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear",
-                                                                    align_corners=False) for m in maps], dim=1)

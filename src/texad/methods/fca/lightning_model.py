@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import FeatureExtractor
+from texad.backbones import FeatureExtractor, local_average_and_concat
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.methods.fca.features import LayerView, concat_layers, resize_for_features
+from texad.methods.fca.features import LayerView, resize_for_features
 from texad.methods.fca.torch_model import FCA
 
 FEATURES = ("backbone", "pixels")
@@ -72,7 +72,7 @@ class FeatureMaps(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.backbone is None:
             return images
-        return concat_layers(self.backbone(resize_for_features(images, self.input_size)))
+        return local_average_and_concat(self.backbone(resize_for_features(images, self.input_size)), pool=1)
 
 
 class FCAMethod(AnomalyModule):
