@@ -250,3 +250,33 @@ def test_aupro_when_anomalies_score_below_most_normal_pixels():
     assert aupro(maps, masks, 0.3) == pytest.approx(expected, abs=1e-4)
     maps[0, 0, 0], masks[0, 0, 0] = 10.0, True  # one positive on top, the rest below the cut
     assert aupro(maps, masks, 0.3) == pytest.approx(brute_force_aupro(maps, masks, 0.3), abs=1e-4)
+
+
+def test_shared_pixel_points_give_the_same_scores_and_curves():
+    """The writer sorts once (pixel_operating_points); every figure must equal the standalone functions."""
+    from texad.metrics.functional import (
+        operating_points,
+        pixel_operating_points,
+        pixel_scores,
+        pixel_scores_from,
+        pro_curve,
+        pro_curve_from,
+    )
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((4, 24, 24), bool)
+    masks[1, 3:8, 4:9] = True
+    masks[2, 10:20, 2:5] = True
+    masks[2, 0:2, 20:24] = True
+    maps = (masks * 0.7 + rng.normal(size=masks.shape)).astype(np.float32)
+    maps[0, :4, :4] = 1.25  # ties
+    points, n_regions = pixel_operating_points(maps, masks)
+    reference = operating_points(maps, masks)
+    for field in ("thresholds", "tps", "fps"):
+        assert np.array_equal(getattr(points, field), getattr(reference, field)), field
+    assert (points.n_pos, points.n_neg, n_regions) == (reference.n_pos, reference.n_neg, 3)
+    assert pixel_scores_from(points, n_regions, 0.3) == pixel_scores(maps, masks, 0.3)
+    for got, want in zip(pro_curve_from(points, n_regions, 1.0), pro_curve(maps, masks, 1.0)):
+        assert np.array_equal(got, want)
+    empty = pro_curve_from(*pixel_operating_points(maps, np.zeros_like(masks)), 1.0)
+    assert empty[0].size == 0 and empty[1].size == 0

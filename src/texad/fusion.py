@@ -19,6 +19,7 @@ import torch
 
 from texad.errors import TexadError
 from texad.metrics import functional as mf
+from texad.metrics.pixel import pixel_metric_record
 from texad.ops import gaussian_blur2d
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,9 @@ def fused_metrics(
     fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
     out: dict[str, float | None] = {}
     if masks is not None:
-        s = mf.pixel_scores(fused, masks.numpy())
-        out.update(
-            pixel_auroc=s["auroc"], pixel_aupro=s["aupro"], pixel_aupr=s["ap"], pixel_f1=s["f1"],
-            pixel_f1_threshold=s["f1_threshold"],
-        )
+        out.update(pixel_metric_record(fused, masks.numpy()))
     if labels is not None and (labels >= 0).all():
-        scores = fused.reshape(len(fused), -1).max(1)
-        f1, threshold = mf.best_f1(scores, labels.numpy())
-        out.update(image_auroc=mf.roc_auc(scores, labels.numpy()), image_f1=f1, image_f1_threshold=threshold)
+        out.update(mf.image_scores(fused.reshape(len(fused), -1).max(1), labels.numpy()))
     return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in out.items()}
 
 

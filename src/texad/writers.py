@@ -30,14 +30,13 @@ import lightning as L
 import numpy as np
 from tqdm.auto import tqdm
 
+from texad.backbones import IMAGENET_MEAN, IMAGENET_STD
 from texad.data.images import denormalize
 from texad.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def sample_name(path: str) -> str:
@@ -195,7 +194,7 @@ class TestOutputWriter(L.Callback):
         self.curve_data.add((amap.astype(np.float32, copy=True), mask.copy()))
 
     def _write_curves(self, threshold: float | None) -> list[tuple[str, Path]]:
-        from texad.metrics.functional import operating_points, pixel_scores, pro_curve
+        from texad.metrics.functional import pixel_operating_points, pixel_scores_from, pro_curve_from
         from texad.viz import pr_figure, pro_figure, save_figure
 
         data = self.curve_data
@@ -205,9 +204,9 @@ class TestOutputWriter(L.Callback):
         maps = np.stack([m for m, _ in data.items])
         masks = np.stack([g for _, g in data.items])
         note = "" if data.seen == len(data.items) else f"random sample of {len(data.items)}/{data.seen} images (curve_max_pixels)"
-        values = pixel_scores(maps, masks, self.fpr_limit)
+        points, n_regions = pixel_operating_points(maps, masks)  # one sort for the PR and PRO curves
+        values = pixel_scores_from(points, n_regions, self.fpr_limit)
         out: list[tuple[str, Path]] = []
-        points = operating_points(maps, masks)
         if points.n_pos > 0:
             recall = points.tps / points.n_pos
             precision = points.tps / np.maximum(points.tps + points.fps, 1)
@@ -223,7 +222,7 @@ class TestOutputWriter(L.Callback):
                 best=(recall[best], precision[best], values["f1"], values["f1_threshold"]), operating=operating, note=note,
             )
             out.append(("test/pr_curve", save_figure(fig, self.output_dir / "curves" / "pr.png")))
-        fpr, pro = pro_curve(maps, masks, fpr_limit=1.0)
+        fpr, pro = pro_curve_from(points, n_regions, fpr_limit=1.0)
         if fpr.size:
             fig = pro_figure(fpr, pro, aupro=values["aupro"], fpr_limit=self.fpr_limit, note=note)
             out.append(("test/pro_curve", save_figure(fig, self.output_dir / "curves" / "pro.png")))

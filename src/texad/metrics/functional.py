@@ -43,10 +43,14 @@ __all__ = [
     "roc_auc",
     "average_precision",
     "best_f1",
+    "image_scores",
     "label_regions",
     "aupro",
     "pro_curve",
     "pixel_scores",
+    "pixel_operating_points",
+    "pixel_scores_from",
+    "pro_curve_from",
 ]
 
 
@@ -232,6 +236,13 @@ def average_precision(scores, targets) -> float:
     return _average_precision_of(operating_points(scores, targets))
 
 
+def image_scores(scores, labels) -> dict[str, float]:
+    """Image AUROC and best F1 (and its threshold) from one sort, under the metrics.json keys."""
+    points = operating_points(scores, labels)
+    f1, threshold = _best_f1_of(points)
+    return {"image_auroc": _roc_auc_of(points), "image_f1": f1, "image_f1_threshold": threshold}
+
+
 def best_f1(scores, targets) -> tuple[float, float]:
     """Max F1 over all thresholds and the threshold reaching it (predict ``score >= threshold``)."""
     return _best_f1_of(operating_points(scores, targets))
@@ -400,6 +411,39 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     return _normalised_area(fpr, pro, fpr_limit) if fpr.size else float("nan")
 
 
+def pixel_operating_points(maps, masks) -> tuple[OperatingPoints, int]:
+    """Operating points of all pixels, with PRO, from a single sort; and the number of regions.
+
+    What `pixel_scores` and the PR / PRO plots share, so a caller needing both sorts once.
+    """
+    split = _split_pixels(maps, masks)
+    split.negative_scores.sort()  # in place: the array is private to this call
+    return _pro_points(split, split.negative_scores), split.n_regions
+
+
+def pixel_scores_from(points: OperatingPoints, n_regions: int, fpr_limit: float = 0.3) -> dict[str, float]:
+    """`pixel_scores` from the result of `pixel_operating_points`."""
+    _check_fpr_limit(fpr_limit)
+    f1, f1_threshold = _best_f1_of(points)
+    return {
+        "auroc": _roc_auc_of(points),
+        "aupro": _normalised_area(*pro_curve_from(points, n_regions, fpr_limit), fpr_limit)
+        if n_regions > 0 and points.n_neg > 0
+        else float("nan"),
+        "ap": _average_precision_of(points),
+        "f1": f1,
+        "f1_threshold": f1_threshold,
+    }
+
+
+def pro_curve_from(points: OperatingPoints, n_regions: int, fpr_limit: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """`pro_curve` from the result of `pixel_operating_points` (empty arrays where undefined)."""
+    _check_fpr_limit(fpr_limit)
+    if n_regions == 0 or points.n_neg == 0:
+        return np.zeros(0), np.zeros(0)
+    return _pro_curve_of(points, fpr_limit)
+
+
 def pixel_scores(maps, masks, fpr_limit: float = 0.3) -> dict[str, float]:
     """All pixel metrics from a single sort of the normal pixels.
 
@@ -407,15 +451,4 @@ def pixel_scores(maps, masks, fpr_limit: float = 0.3) -> dict[str, float]:
     nan where undefined.
     """
     _check_fpr_limit(fpr_limit)
-    split = _split_pixels(maps, masks)
-    split.negative_scores.sort()  # in place: the array is private to this call
-    points = _pro_points(split, split.negative_scores)
-    f1, f1_threshold = _best_f1_of(points)
-    defined = split.n_regions > 0 and points.n_neg > 0
-    return {
-        "auroc": _roc_auc_of(points),
-        "aupro": _normalised_area(*_pro_curve_of(points, fpr_limit), fpr_limit) if defined else float("nan"),
-        "ap": _average_precision_of(points),
-        "f1": f1,
-        "f1_threshold": f1_threshold,
-    }
+    return pixel_scores_from(*pixel_operating_points(maps, masks), fpr_limit)

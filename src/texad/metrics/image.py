@@ -7,7 +7,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from texad.errors import TexadError
-from texad.metrics.functional import best_f1, roc_auc
+from texad.metrics.functional import image_scores
 
 
 class ImageMetrics(Metric):
@@ -39,6 +39,4 @@ class ImageMetrics(Metric):
         if isinstance(self.scores, list) and not self.scores:
             nan = float("nan")
             return {"image_auroc": nan, "image_f1": nan, "image_f1_threshold": nan}
-        scores, labels = dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.labels).cpu()
-        f1, threshold = best_f1(scores, labels)
-        return {"image_auroc": roc_auc(scores, labels), "image_f1": f1, "image_f1_threshold": threshold}
+        return image_scores(dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.labels).cpu())

@@ -20,6 +20,12 @@ _KEYS_FROM = {"auroc": "auroc", "aupro": "aupro", "aupr": "ap", "f1": "f1", "f1_
 _KEYS = tuple(f"pixel_{name}" for name in _KEYS_FROM)
 
 
+def pixel_metric_record(maps, masks, fpr_limit: float = 0.3) -> dict[str, float]:
+    """`pixel_scores` under the metrics.json keys (pixel_auroc, pixel_aupro, pixel_aupr, pixel_f1, …)."""
+    scores = pixel_scores(maps, masks, fpr_limit)
+    return {f"pixel_{name}": scores[source] for name, source in _KEYS_FROM.items()}
+
+
 def _drop_channel(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
@@ -66,5 +72,4 @@ class PixelMetrics(Metric):
             return dict.fromkeys(_KEYS, float("nan"))
         maps = dim_zero_cat(self.anomaly_maps).cpu()
         masks = dim_zero_cat(self.masks).cpu()
-        scores = pixel_scores(maps, masks, self.fpr_limit)
-        return {f"pixel_{name}": scores[source] for name, source in _KEYS_FROM.items()}
+        return pixel_metric_record(maps, masks, self.fpr_limit)
