@@ -8,8 +8,6 @@ the backbone would produce, so results do not change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -17,12 +15,13 @@ from typing import Any, Callable
 import torch
 
 from texad.outputs import atomic_write
+from texad.view_cache import digest
 
 log = logging.getLogger(__name__)
 
 
 def feature_key(description: Any) -> str:
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest(description)[:24]
 
 
 class FrozenFeatureCache:

@@ -20,7 +20,6 @@ SLIC and :func:`build_mosaic` use numpy and OpenCV only, so they run in DataLoad
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from texad.errors import TexadError
 from texad.outputs import read_npz_array
+from texad.view_cache import digest
 
 __all__ = [
     "MosaicLayout",
@@ -343,8 +343,7 @@ class SuperpixelCache:
             "region_size": int(region_size),
             "slic": {name: slic_kwargs[name] for name in sorted(slic_kwargs)},
         }
-        text = json.dumps(description, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return digest(description)
 
     def path_for(self, key: str) -> Path:
         return self.cache_dir / f"slic-{key}.npz"

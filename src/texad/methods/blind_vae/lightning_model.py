@@ -28,7 +28,12 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.methods.blind_vae.torch_model import FeatureVAE, residual_norm, smooth_and_clear_border
+from texad.methods.blind_vae.torch_model import (
+    FeatureVAE,
+    residual_map_fca,
+    residual_norm,
+    smooth_and_clear_border,
+)
 from texad.methods.fca.lightning_model import FeatureMaps, check_fca_keys, check_map_fits
 from texad.methods.fca.torch_model import FCA, scale_features_minmax
 
@@ -124,12 +129,11 @@ class BlindVAEMethod(AnomalyModule):
     # --- inference -----------------------------------------------------------------------------
     def predict_maps(self, batch: Batch) -> dict[str, Any]:
         feats = self.scaled_features(batch.image)
+        smoothing = (self.hparams.smooth_kernel, self.hparams.smooth_sigma, self.hparams.zero_border)
         if self.hparams.score == "residual_norm":
-            maps = residual_norm(feats, self.model.vae)
+            maps = smooth_and_clear_border(residual_norm(feats, self.model.vae), *smoothing)
         else:
             check_map_fits(self.hparams.patch_size, *feats.shape[-2:], self.model.describe())
-            maps = self.model.fca(feats - self.model.vae.reconstruct(feats))
-        maps = smooth_and_clear_border(maps, self.hparams.smooth_kernel, self.hparams.smooth_sigma,
-                                       self.hparams.zero_border)
+            maps = residual_map_fca(feats, self.model.vae, self.model.fca, *smoothing)
         amap = F.interpolate(maps[:, None], size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}

@@ -95,6 +95,7 @@ class CFA(AnomalyModule):
         self._run_dir: Path | None = None
         self._split: str | None = None
         self._cached_maps: dict[str, dict[str, torch.Tensor]] = {}
+        self._split_map_keys: dict[str, str] = {}
         self._computed_maps: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- superpixel views requested from the datamodule -----------------------------------------
@@ -250,9 +251,12 @@ class CFA(AnomalyModule):
         self._split = split if self._evaluating() else None
         self._computed_maps = {v: {} for v in self.model.view_names}
         self._cached_maps = {}
+        self._split_map_keys = {}
         self.view_outputs.pop(split, None)
         if self._split and self._cache is not None and self.view_keys:
-            self._cached_maps = {v: self._cache.load_maps(self._maps_key(v, split), split) for v in self.model.view_names}
+            # heads are fixed while evaluating: the keys computed here hold until _end_split stores
+            self._split_map_keys = {v: self._maps_key(v, split) for v in self.model.view_names}
+            self._cached_maps = {v: self._cache.load_maps(key, split) for v, key in self._split_map_keys.items()}
 
     def _end_split(self, split: str) -> None:
         if self._split != split:
@@ -261,8 +265,8 @@ class CFA(AnomalyModule):
         for v in self.model.view_names:
             new = self._computed_maps.get(v) or {}
             status[v] = "computed" if new else "hit"
-            if new and self._cache is not None and self.view_keys:
-                self._cache.store_maps(self._maps_key(v, split), split, {**self._cached_maps.get(v, {}), **new})
+            if new and v in self._split_map_keys:
+                self._cache.store_maps(self._split_map_keys[v], split, {**self._cached_maps.get(v, {}), **new})
         if self._cache is not None:
             self._record("maps", status, split)
             log.info("view cache, %s maps: %s", split, status)

@@ -45,16 +45,16 @@ from texad.methods.clustering.torch_model import (
 )
 from texad.metrics.clustering import ClusteringMetrics
 from texad.outputs import read_npz_array
+from texad.writers import sample_name
 
 log = logging.getLogger(__name__)
 
 MAP_SOURCES = ("fca", "gt")
-GOOD = "good"
 
 
 def stored_map_path(maps_dir: Path, path: str, defect_type: str) -> Path:
     """Where the test output writer puts an image's map: <maps_dir>/<defect_type>/<image stem>.npz."""
-    return maps_dir / defect_type / f"{Path(str(path).split('#', 1)[0]).stem}.npz"
+    return maps_dir / defect_type / f"{sample_name(path)}.npz"
 
 
 def load_stored_maps(maps_dir: str | Path, samples: list, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
