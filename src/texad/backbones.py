@@ -157,6 +157,44 @@ class FeatureExtractor(nn.Module):
         return list(self.model(images))
 
 
+PAD_MODES = ("reflect", "replicate", "zeros")
+
+
+def padded_features(
+    extract, images: torch.Tensor, pad: int, mode: str = "reflect", key: str = "method.input_padding"
+) -> list[torch.Tensor]:
+    """`extract(images)` on the image padded by `pad` pixels per side, each map cropped back.
+
+    Why: a backbone's own zero padding makes every border feature unlike any interior feature, so
+    methods that compare patches (CFA's nearest centroids, FCA's patch statistics) score the image
+    border as anomalous on normal images. With reflect (or replicate) padding of the *input*, the
+    border cells of the cropped map see image-like context, and the zero-padding effects fall into
+    the cropped margin. `pad` must be a multiple of every map's stride so the crop is exact: the
+    cropped map has exactly the cells of the unpadded one. `pad=0` is the plain forward (the
+    official behaviour of CFA and FCA).
+    """
+    if pad < 0:
+        raise TexadError(f"{key} must be >= 0, got {pad}")
+    if pad == 0:
+        return extract(images)
+    if mode not in PAD_MODES:
+        raise TexadError(f"{key.rsplit('.', 1)[0]}.input_padding_mode must be one of {list(PAD_MODES)}, got {mode!r}")
+    h, w = images.shape[-2:]
+    if mode != "zeros" and pad >= min(h, w):
+        raise TexadError(f"{key}={pad} must be smaller than the image side ({h}x{w}) for {mode} padding")
+    padded = F.pad(images, (pad, pad, pad, pad), mode="constant" if mode == "zeros" else mode)
+    maps = extract(padded)
+    out = []
+    for f in maps:
+        stride = padded.shape[-1] / f.shape[-1]
+        crop = pad / stride
+        if abs(crop - round(crop)) > 1e-6:
+            raise TexadError(f"{key}={pad} must be a multiple of every feature stride (got a map of stride {stride:g})")
+        crop = int(round(crop))
+        out.append(f[..., crop : f.shape[-2] - crop, crop : f.shape[-1] - crop])
+    return out
+
+
 def local_average_and_concat(features: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
     """CFA's input: each map pooled pool×pool (stride 1), upsampled to the first map, concatenated.
 
