@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, compose_cfg, run_entry
 from texad.data.superpixel_views import SuperpixelViews
-from texad.methods.superpixels import SuperpixelCache, slic_labels
+from texad.data.superpixels import SuperpixelCache, slic_labels
 from texad.pipeline import build
 
 SPCFA_TINY = [*TINY, "method=spcfa", "method.epochs=1", "dataset.num_workers=0"]

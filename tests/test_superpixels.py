@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from texad.errors import TexadError
-from texad.methods import superpixels as sp
-from texad.methods.superpixels import (
+from texad.data import superpixels as sp
+from texad.data.superpixels import (
     SuperpixelCache,
     build_mosaic,
     inverse_mosaic,

@@ -17,7 +17,7 @@ import torch
 
 from texad.data.images import to_tensor
 from texad.errors import TexadError
-from texad.methods.superpixels import SuperpixelCache, build_mosaic, slic_labels
+from texad.data.superpixels import SuperpixelCache, build_mosaic, slic_labels
 
 #: SLIC settings when the config gives none (OpenCV's defaults, connectivity enforced)
 DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25}

@@ -135,7 +135,7 @@ class CFAModel(nn.Module):
             s = self.heads[v].score(feats[v])
             s = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             if v != "org":
-                from texad.methods.superpixels import inverse_mosaic
+                from texad.data.superpixels import inverse_mosaic
 
                 s = inverse_mosaic(s, superpixels[:, i - 1])
             maps[v] = s
