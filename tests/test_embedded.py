@@ -109,7 +109,8 @@ def test_texture_set_layout(brick_set):
 
 
 def test_texture_set_reads_with_mvtec_reader(brick_set):
-    layout = pytest.importorskip("texad.data.layout")
+    from texad.data import layout  # texad's own module: a broken import must fail, not skip
+
     split = layout.read_mvtec_layout(brick_set)
     assert split.has_masks and len(split.train) == 4
     assert split.defect_types == sorted(DEFECT_TYPES)

@@ -44,8 +44,15 @@ def test_shapes_and_loss_terms():
     # the KL term is zero exactly at the prior (mu=0, sigma=1)
     _, _, kl0 = vae.loss(x, recon, torch.zeros_like(mu), torch.zeros_like(logvar))
     assert kl0.item() == 0.0
-    # reconstruct() uses mu: deterministic
-    torch.testing.assert_close(vae.reconstruct(x), vae.reconstruct(x))
+    # reconstruct() decodes mu (no sampling): it equals the decoder applied to forward()'s mu, draws
+    # no random numbers, and differs from forward()'s sampled reconstruction
+    torch.manual_seed(1)
+    sampled, mu, _ = vae(x)
+    state = torch.get_rng_state()
+    recon_mu = vae.reconstruct(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(recon_mu, vae.decoder(mu))
+    assert not torch.allclose(recon_mu, sampled)
 
 
 

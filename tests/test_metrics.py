@@ -149,6 +149,27 @@ def random_maps_with_regions(seed: int, n=6, size=14):
     return maps, masks
 
 
+def independent_pixel_scores(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:
+    """The pixel metrics computed without texad: scikit-learn and the brute-force AUPRO above."""
+    flat_maps, flat_masks = np.asarray(maps, np.float64).ravel(), np.asarray(masks, bool).ravel()
+    return {
+        "auroc": roc_auc_score(flat_masks, flat_maps),
+        "ap": average_precision_score(flat_masks, flat_maps),
+        "f1": sklearn_best_f1(flat_maps, flat_masks),
+        "aupro": brute_force_aupro(np.asarray(maps, np.float64), np.asarray(masks, bool), fpr_limit),
+    }
+
+
+def assert_pixel_scores_match(got: dict[str, float], maps, masks, fpr_limit: float = 0.3) -> None:
+    """`got` (texad's pixel_scores keys) equals the independent figures; its F1 threshold reproduces its F1."""
+    want = independent_pixel_scores(maps, masks, fpr_limit)
+    for key in ("auroc", "ap", "f1"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    assert got["aupro"] == pytest.approx(want["aupro"], abs=1e-4)
+    predicted, truth = np.asarray(maps).ravel() >= got["f1_threshold"], np.asarray(masks, bool).ravel()
+    assert 2 * np.sum(predicted & truth) / (predicted.sum() + truth.sum()) == pytest.approx(got["f1"], abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
 def test_aupro_matches_brute_force(seed, fpr_limit):
@@ -156,7 +177,7 @@ def test_aupro_matches_brute_force(seed, fpr_limit):
     assert len([r for m in masks for r in brute_force_regions(m)]) >= 4
     expected = brute_force_aupro(maps, masks, fpr_limit)
     assert aupro(torch.from_numpy(maps), torch.from_numpy(masks), fpr_limit) == pytest.approx(expected, abs=1e-4)
-    assert pixel_scores(maps, masks, fpr_limit)["aupro"] == pytest.approx(expected, abs=1e-4)
+    assert_pixel_scores_match(pixel_scores(maps, masks, fpr_limit), maps, masks, fpr_limit)
 
 
 def test_aupro_hand_computable_cases():
@@ -202,9 +223,9 @@ def test_unbounded_scores_equal_min_max_scaled_scores():
     unbounded = maps.astype(np.float64) * 1e3 - 400.0  # values around -2000 .. 2000
     scaled = (unbounded - unbounded.min()) / (unbounded.max() - unbounded.min())
     raw, ref = pixel_scores(unbounded, masks), pixel_scores(scaled, masks)
-    for key in ("auroc", "aupro", "ap", "f1"):
+    assert_pixel_scores_match(raw, unbounded, masks)
+    for key in ("auroc", "aupro", "ap", "f1"):  # invariance under a monotone rescaling
         assert raw[key] == pytest.approx(ref[key], abs=1e-12)
-    assert raw["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), unbounded.ravel()), abs=1e-9)
 
 
 def test_pixel_metrics_accumulated_equals_one_shot():
@@ -214,14 +235,10 @@ def test_pixel_metrics_accumulated_equals_one_shot():
     for start in range(0, 9, 4):  # batches of 4, 4, 1; with a channel axis and float masks
         metric.update(torch.from_numpy(maps[start : start + 4, None]), torch.from_numpy(masks[start : start + 4, None].astype(np.float32)))
     result = metric.compute()
-    expected = pixel_scores(maps, masks, 0.3)
-    assert set(result) == {"pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold"}
-    assert result["pixel_auroc"] == pytest.approx(expected["auroc"], abs=1e-12)
-    assert result["pixel_aupro"] == pytest.approx(expected["aupro"], abs=1e-12)
-    assert result["pixel_aupr"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-6)
-    assert result["pixel_f1"] == pytest.approx(expected["f1"], abs=1e-12)
-    assert result["pixel_f1_threshold"] == pytest.approx(expected["f1_threshold"])
-    assert result["pixel_aupro"] == pytest.approx(brute_force_aupro(maps, masks, 0.3), abs=1e-4)
+    assert {"pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold"} <= set(result)
+    got = {"auroc": result["pixel_auroc"], "aupro": result["pixel_aupro"], "ap": result["pixel_aupr"],
+           "f1": result["pixel_f1"], "f1_threshold": result["pixel_f1_threshold"]}
+    assert_pixel_scores_match(got, maps, masks, 0.3)  # scikit-learn and brute force, not pixel_scores
 
 
 def test_pixel_metrics_rejects_mismatched_shapes():
@@ -257,7 +274,6 @@ def test_shared_pixel_points_give_the_same_scores_and_curves():
     from texad.metrics.functional import (
         operating_points,
         pixel_operating_points,
-        pixel_scores,
         pixel_scores_from,
         pro_curve,
         pro_curve_from,
@@ -275,7 +291,7 @@ def test_shared_pixel_points_give_the_same_scores_and_curves():
     for field in ("thresholds", "tps", "fps"):
         assert np.array_equal(getattr(points, field), getattr(reference, field)), field
     assert (points.n_pos, points.n_neg, n_regions) == (reference.n_pos, reference.n_neg, 3)
-    assert pixel_scores_from(points, n_regions, 0.3) == pixel_scores(maps, masks, 0.3)
+    assert_pixel_scores_match(pixel_scores_from(points, n_regions, 0.3), maps, masks, 0.3)
     for got, want in zip(pro_curve_from(points, n_regions, 1.0), pro_curve(maps, masks, 1.0)):
         assert np.array_equal(got, want)
     empty = pro_curve_from(*pixel_operating_points(maps, np.zeros_like(masks)), 1.0)
