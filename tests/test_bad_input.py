@@ -133,3 +133,83 @@ def test_ksdd2_and_mtd_layouts_are_read(tmp_path):
     assert {s.defect_type for s in a.test if s.label} == {"crack"}
     with pytest.raises(TexadError, match="MT_Free"):
         read_mtd(tmp_path / "ksdd2")
+
+
+# --- issue 11, point 10: one `texad: error:` line, also through Hydra's instantiate and DataLoader workers
+
+
+def stderr_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def test_headline_command_without_data_names_paths_data_root_and_layout(monkeypatch):
+    monkeypatch.delenv("TEXAD_DATA_ROOT", raising=False)
+    proc = run_entry("train.py", "method=spcfa", "dataset=mvtec/wood", "logger=none", check=False, timeout=300)
+    assert proc.returncode == 1
+    last = stderr_lines(proc)[-1]
+    assert last.startswith("texad: error: paths.data_root is not set"), proc.stderr[-2000:]
+    assert "TEXAD_DATA_ROOT" in last and "<paths.data_root>/wood/train/good/*.png" in last
+    assert "Error in call to target" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
+    from conftest import compose_cfg
+
+    monkeypatch.setenv("TEXAD_DATA_ROOT", str(tmp_path / "mvtec"))
+    cfg = compose_cfg("train", ["dataset=mvtec/wood"], tmp_path / "run")
+    assert cfg.paths.data_root == str(tmp_path / "mvtec") and cfg.dataset.root == str(tmp_path / "mvtec")
+    monkeypatch.delenv("TEXAD_DATA_ROOT")
+    cfg = compose_cfg("train", ["dataset=mvtec/wood"], tmp_path / "run")
+    assert cfg.paths.data_root is None  # unset: the run stops with the message above
+
+
+def test_folder_without_root_names_dataset_root(tmp_path):
+    from texad.cli import check_data_root
+    from conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["dataset=folder"], tmp_path / "run")
+    with pytest.raises(TexadError, match=r"^dataset.root is not set.*<dataset.root>/train/good/\*.png"):
+        check_data_root(cfg)
+    check_data_root(compose_cfg("train", ["dataset=folder", f"dataset.root={tmp_path}"], tmp_path / "run"))
+
+
+def test_instantiate_and_worker_wrappers_are_unwrapped():
+    """Hydra's InstantiationException (cause) and torch's worker re-raise (message) give the original."""
+    from hydra.errors import InstantiationException
+    from torch._utils import ExceptionWrapper
+
+    from texad.cli import error_message, find_texad_error
+
+    original = TexadError("cannot read image '/x/000.png': corrupt or not an image file")
+    try:
+        try:
+            raise original
+        except TexadError as err:
+            raise InstantiationException("Error in call to target 'X':\nTexadError(...)") from err
+    except InstantiationException as wrapped:
+        assert find_texad_error(wrapped) is original
+    assert find_texad_error(RuntimeError("unrelated")) is None
+    try:
+        raise original
+    except TexadError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(TexadError) as caught:
+        wrapper.reraise()
+    assert str(caught.value).startswith("Caught TexadError in DataLoader worker process 0.")
+    assert error_message(caught.value) == str(original)
+    assert error_message(original) == str(original)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_training_image_last_line_names_the_file(tmp_path, num_workers):
+    root = make_folder(tmp_path / "set", n_train=6, size=64)
+    (root / "train/good/002.png").write_bytes(b"not a png at all")
+    proc = run_entry(
+        "train.py", "dataset=folder", f"dataset.root={root}", "dataset.image_size=64", f"dataset.num_workers={num_workers}",
+        "dataset.val_fraction=0.0", "method.epochs=1", "logger=none", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}", check=False, timeout=300,
+    )
+    assert proc.returncode == 1
+    expected = f"texad: error: cannot read image {str(root / 'train/good/002.png')!r}: corrupt or not an image file"
+    assert stderr_lines(proc)[-1] == expected, proc.stderr[-3000:]
+    assert "Caught TexadError" not in proc.stderr

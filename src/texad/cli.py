@@ -1,4 +1,13 @@
-"""Entry-point glue: run a job, turning TexadError into a one-line message and exit status 1."""
+"""Entry-point glue: run a job, turning TexadError into a one-line message and exit status 1.
+
+Bad input reaches the entry points wrapped in two ways, and both are unwrapped here so the user
+sees one `texad: error: ...` line naming the file or key:
+- Hydra's `instantiate` re-raises an error of a constructor as `InstantiationException` ("Error in
+  call to target ...") with the original as its `__cause__`;
+- torch's DataLoader re-raises an error of a worker process as the same type with the message
+  "Caught TexadError in DataLoader worker process N.\\nOriginal Traceback ...": the original message
+  is the tail after the last "<module>.TexadError: " of that traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +16,106 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from texad.errors import TexadError
 
 log = logging.getLogger("texad")
 
+DATA_ROOT_KEY = "paths.data_root"
+DATA_ROOT_ENV = "TEXAD_DATA_ROOT"
+
 
 def run_job(job: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
     """Run train/evaluate; return the optimized metric (for sweepers) when there is one."""
     try:
+        check_data_root(cfg)
         record = job(cfg)
-    except TexadError as err:
-        log.error("%s", err)
-        print(f"texad: error: {err}", file=sys.stderr)
+    except Exception as err:
+        texad_error = find_texad_error(err)
+        if texad_error is None:
+            raise
+        message = error_message(texad_error)
+        log.debug("texad error", exc_info=err)
+        log.error("%s", message)
+        print(f"texad: error: {message}", file=sys.stderr)
         sys.exit(1)
     finally:
         finish_wandb()
     return optimized_value(cfg, record)
+
+
+def find_texad_error(err: BaseException) -> TexadError | None:
+    """`err` itself or the first TexadError it was raised from (Hydra's instantiate wraps it)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TexadError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
+def error_message(err: TexadError) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, the original message."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        cls = type(err)
+        for marker in (f"\n{cls.__module__}.{cls.__qualname__}: ", f"\n{cls.__qualname__}: "):
+            at = text.rfind(marker)
+            if at >= 0:
+                return text[at + len(marker):].strip()
+    return text
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """A data set read from a folder needs that folder: say which key sets it and the layout expected.
+
+    Runs before anything is built, so `python train.py dataset=mvtec/wood` without data fails at once
+    with the key the README uses (`paths.data_root`, or `dataset.root` for `dataset=folder`).
+    """
+    dataset = cfg.get("dataset") if isinstance(cfg, DictConfig) else None
+    if not isinstance(dataset, DictConfig):
+        return
+    raw_dataset = OmegaConf.to_container(dataset, resolve=False)  # `"root" in dataset` is False for ???
+    if "root" not in raw_dataset:
+        return
+    if not OmegaConf.is_missing(dataset, "root"):
+        value = dataset.get("root")
+        if value is not None and str(value).strip() not in ("", "???"):
+            return
+    raw = str(raw_dataset.get("root"))
+    name = dataset.get("name") or "this data set"
+    key = DATA_ROOT_KEY if DATA_ROOT_KEY in raw else "dataset.root"
+    layout = layout_help(str(dataset.get("_target_", "")), dataset.get("category")).replace("<root>", f"<{key}>")
+    if key == DATA_ROOT_KEY:
+        raise TexadError(
+            f"{DATA_ROOT_KEY} is not set: dataset {name} reads its images under {DATA_ROOT_KEY}; "
+            f"give {DATA_ROOT_KEY}=/path/to/data (or set the environment variable {DATA_ROOT_ENV})"
+            + (f"; {layout}" if layout else "")
+        )
+    raise TexadError(
+        "dataset.root is not set: give the data set folder with dataset.root=/path/to/data"
+        + (f"; {layout}" if layout else "")
+    )
+
+
+def layout_help(target: str, category: str | None = None) -> str:
+    """The folder layout a datamodule reads (from texad.data.layout), '' for an unknown one."""
+    from texad.data import layout
+
+    helps = {
+        "MVTecDataModule": layout.MVTEC_LAYOUT_HELP,
+        "KSDD2DataModule": layout.KSDD2_LAYOUT_HELP,
+        "MTDDataModule": layout.MTD_LAYOUT_HELP,
+    }
+    text = helps.get(target.rsplit(".", 1)[-1], "")
+    if text and category and "<category>" in text:
+        text = text.replace("<category>", str(category))
+    elif text and category is None and "<root>/<category>/" in text:  # dataset=folder: root is the category
+        text = text.replace("<root>/<category>/", "<root>/")
+    return text
 
 
 def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float | None:

@@ -88,7 +88,9 @@ def ensure_elpv_set(
 ) -> Path:
     """ELPV cells in MVTec AD layout (no ground_truth): `<root>/elpv` or `<root>/elpv_<cell_type>`.
 
-    Normal = defect probability 0, split by a seeded permutation into train/good and test/good;
+    Normal = defect probability 0, split by a permutation seeded by `seed` (the data set's own
+    `dataset.split_seed`, fixed by default, not the run seed: every run sees the same test set)
+    into train/good and test/good;
     defective = probability 1, all in test/defective. Cells rated 1/3 or 2/3 are left out: the
     annotators were unsure about them, and either label would be noise. `image_size` None copies
     the 300x300 PNGs unchanged; `limit` keeps the first `limit` normal and defective cells (tests).

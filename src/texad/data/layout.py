@@ -21,6 +21,10 @@ MVTEC_LAYOUT_HELP = (
     "(type 'good' for normal images) and optionally "
     "<root>/<category>/ground_truth/<type>/<name>_mask.png"
 )
+KSDD2_LAYOUT_HELP = (
+    "expected KSDD2 layout: <root>/train/<id>.png + <id>_GT.png and <root>/test/<id>.png + <id>_GT.png"
+)
+MTD_LAYOUT_HELP = "expected MTD layout: <root>/MT_<Type>/Imgs/<name>.jpg with <name>.png masks; MT_Free is normal"
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def read_ksdd2(root: str | Path) -> SampleSplit:
     import cv2
 
     base = Path(root).expanduser()
-    help_ = "expected KSDD2 layout: <root>/train/<id>.png + <id>_GT.png and <root>/test/<id>.png + <id>_GT.png"
+    help_ = KSDD2_LAYOUT_HELP
     if not base.is_dir():
         raise TexadError(f"dataset root {str(base)!r} does not exist; {help_}")
 
@@ -124,11 +128,13 @@ def read_ksdd2(root: str | Path) -> SampleSplit:
 def read_mtd(root: str | Path, train_fraction: float = 0.8, seed: int = 0) -> SampleSplit:
     """Magnetic Tile Defects: MT_<Type>/Imgs/*.jpg with same-name .png masks; MT_Free is normal.
 
-    The data set has no split: a seeded permutation sends `train_fraction` of the normal images to
-    training and the rest, with every defective image, to test.
+    The data set has no split: a permutation seeded by `seed` sends `train_fraction` of the normal
+    images to training and the rest, with every defective image, to test. Callers pass the data
+    set's own `dataset.split_seed` (fixed, 0 by default), never the run seed, so runs that differ
+    only in `seed` are scored on the same test set.
     """
     base = Path(root).expanduser()
-    help_ = "expected MTD layout: <root>/MT_<Type>/Imgs/<name>.jpg with <name>.png masks; MT_Free is normal"
+    help_ = MTD_LAYOUT_HELP
     if not base.is_dir():
         raise TexadError(f"dataset root {str(base)!r} does not exist; {help_}")
     type_dirs = sorted(p for p in base.glob("MT_*") if (p / "Imgs").is_dir())
