@@ -63,18 +63,9 @@ def test_metrics_json_still_written(run_dir):
 
 def test_evaluate_writes_outputs_in_its_own_dir(run_dir, tmp_path):
     out = tmp_path / "eval"
-    writer = [
-        "+eval_callbacks.test_outputs._target_=texad.writers.TestOutputWriter",
-        "+eval_callbacks.test_outputs.output_dir=${paths.output_dir}",
-        "+eval_callbacks.test_outputs.max_overlays_per_type=1",
-    ]
-    from omegaconf import OmegaConf
-
-    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml")
-    if conf.get("eval_callbacks"):  # evaluate.yaml already carries the writer: use it as users will
-        writer = []
+    # no writer overrides: conf/evaluate.yaml carries the writer, as users run it
     run_entry("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={out}",
-              "logger=none", *writer)
+              "logger=none")
     assert len(list(out.glob("maps/*/*.npz"))) == len(list(run_dir.glob("maps/*/*.npz")))
     assert (out / "curves" / "pr.png").is_file() and list(out.glob("overlays/*/*.png"))
     a = json.loads((run_dir / "metrics.json").read_text())["pixel_aupr"]
@@ -82,14 +73,18 @@ def test_evaluate_writes_outputs_in_its_own_dir(run_dir, tmp_path):
     assert b == pytest.approx(a, rel=1e-5)
 
 
-def test_evaluate_yaml_wires_the_writer():
-    """evaluate.py must write the same outputs without extra overrides (lead: evaluate.yaml)."""
+def test_evaluate_yaml_wires_the_same_writer_as_train_yaml():
+    """evaluate.py writes the same outputs as train.py without extra overrides: one writer config."""
     from omegaconf import OmegaConf
 
-    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml")
-    callbacks = conf.get("eval_callbacks") or {}
-    if not any("TestOutputWriter" in str(c.get("_target_", "")) for c in callbacks.values()):
-        pytest.skip("conf/evaluate.yaml has no eval_callbacks writer yet (to be wired by the lead)")
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    train = OmegaConf.load(conf_dir / "train.yaml").eval_callbacks
+    evaluate = OmegaConf.load(conf_dir / "evaluate.yaml").eval_callbacks
+    writers = [name for name, c in evaluate.items() if c.get("_target_") == "texad.writers.TestOutputWriter"]
+    assert writers == ["test_outputs"]
+    writer = OmegaConf.to_container(evaluate.test_outputs)  # unresolved: ${...} stay text
+    assert writer == OmegaConf.to_container(train.test_outputs)
+    assert writer["output_dir"] == "${paths.output_dir}"
 
 
 def test_pr_figure_and_overlay_render(tmp_path):
