@@ -76,6 +76,11 @@ def test_same_seed_gives_equal_runs_and_resume_equals_uninterrupted(tmp_path):
     for key in KEYS:
         assert again[key] == pytest.approx(full[key], abs=1e-6), key
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+    # the resumed fit keeps the validation curve and the best epoch of its first part
+    assert resumed["selected_epoch"] == full["selected_epoch"]
+    assert [p["epoch"] for p in resumed["val_curve"]] == [1, 2, 3]
+    for p, q in zip(resumed["val_curve"], full["val_curve"]):
+        assert p["val/pixel_aupr"] == pytest.approx(q["val/pixel_aupr"], abs=1e-6)
     a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
     assert a["epoch"] == b["epoch"]

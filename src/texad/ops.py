@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from texad.errors import TexadError
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian with radius round(truncate·σ) (scipy's gaussian_filter convention)."""
@@ -34,9 +36,26 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> 
     return x[:, 0] if squeeze else x
 
 
+IMAGE_SCORES = ("max", "top_mean")
+
+
+def image_score(maps: torch.Tensor, rule: str = "max", fraction: float = 0.01) -> torch.Tensor:
+    """(B,H,W) maps → (B,) image scores: the map's maximum (the papers' rule), or `top_mean`: the mean of
+    its top `fraction` of pixels (at least one), which one extreme pixel cannot decide alone."""
+    flat = maps.flatten(1)
+    if rule == "max":
+        return flat.amax(1)
+    if rule == "top_mean":
+        if not 0.0 < fraction <= 1.0:
+            raise TexadError(f"method.image_score_fraction must be in (0, 1], got {fraction}")
+        k = max(1, int(round(fraction * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(1)
+    raise TexadError(f"method.image_score must be one of {list(IMAGE_SCORES)}, got {rule!r}")
+
+
 def chunk_rows_for_budget(n_cols: int, bytes_per_elem: int, budget_mb: float) -> int:
     """How many rows of an (rows × n_cols) temporary fit in `budget_mb` megabytes (at least 1)."""
     return max(1, int(budget_mb * 2**20 // max(1, n_cols * bytes_per_elem)))
 
 
-__all__ = ["chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d"]
+__all__ = ["IMAGE_SCORES", "chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d", "image_score"]

@@ -118,12 +118,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     datamodule, method = build(cfg)
     loggers = build_loggers(cfg)
+    fit_info: dict[str, Any] = {}
     if method.prepare_fit(cfg, datamodule):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
         )
-        callbacks = [checkpoint, *instantiate_callbacks(cfg.get("callbacks"))]
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
+        selection = epoch_selection(cfg, datamodule, ckpt_dir)
+        callbacks = [checkpoint, *(selection.callbacks if selection else []), *instantiate_callbacks(cfg.get("callbacks"))]
+        trainer = instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all",
+            **(selection.trainer_kwargs if selection else {}),
+        )
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
         if not (ckpt_dir / LAST_CKPT).is_file():  # e.g. epochs=0: the model is its memory bank
             trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
@@ -131,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         leave_process_group()
         if rank != 0:
             return {}
+        if selection:
+            fit_info = selection.restore_best(method)
         method.finish_fit(cfg, datamodule)
         method = method.to(torch.device("cpu")) if cfg.trainer.get("accelerator") == "cpu" else method
     else:
@@ -138,10 +145,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)
-    record = metrics_record(cfg, results, time.time() - start, getattr(method, "fit_info", None))
+    record = metrics_record(cfg, results, time.time() - start, {**(getattr(method, "fit_info", None) or {}), **fit_info})
     write_json(out_dir / "metrics.json", record)
     log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
     return record
+
+
+def epoch_selection(cfg: DictConfig, datamodule: L.LightningDataModule, ckpt_dir: Path):
+    """Validation-based epoch selection (texad.selection) when configured, epochs run and validation exists."""
+    from texad.selection import EpochSelection
+
+    conf = cfg.get("selection") or {}
+    every = int(conf.get("every_n_epochs") or 0)
+    epochs = int(cfg.trainer.get("max_epochs") or 0)
+    if every <= 0 or epochs <= 0:
+        return None
+    datamodule.setup("fit")
+    if len(datamodule.val_samples) == 0:
+        log.info("no validation split (setting=%s): the last epoch is kept", getattr(datamodule, "setting", "?"))
+        return None
+    return EpochSelection(every, str(cfg.get("optimized_metric")), ckpt_dir, conf.get("patience"))
 
 
 def leave_process_group() -> None:

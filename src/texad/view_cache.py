@@ -26,14 +26,14 @@ from texad.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 #: bump when a change of the code changes what a cached view would contain
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 #: dataset keys that change neither the images nor the training (loader plumbing only)
 _DATASET_IGNORED = ("eval_batch_size", "num_workers", "_convert_")
 #: method keys that decide one trained view (α, blur and the other views' settings do not)
 _TRAINING_KEYS = (
     "_target_", "epochs", "k", "j", "r0", "loss_alpha", "nu", "gamma_c", "gamma_d", "lr", "weight_decay",
-    "amsgrad", "pool",
+    "amsgrad", "pool", "score", "input_padding", "input_padding_mode",
 )
 #: trainer keys that change the optimisation
 _TRAINER_KEYS = (
@@ -69,6 +69,8 @@ def view_description(
             "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS},
         },
         "seed": cfg.get("seed"),
+        # the kept head is the validation-selected epoch's
+        "selection": {"conf": cfg.get("selection"), "metric": cfg.get("optimized_metric")},
     }
 
 

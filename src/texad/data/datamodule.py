@@ -1,8 +1,10 @@
 """One LightningDataModule for every data set; subclasses only say how to list their samples.
 
 Splits: the normal training images minus a seeded validation hold-out; the validation set is the
-hold-out plus one synthetic-defect copy of each held-out image (exact masks), so sweeps can select
-hyper-parameters on anomalies without ever touching the test set. `setting="blind"` trains on the
+hold-out plus `val_copies` synthetic-defect copies of each held-out image (exact masks), drawn
+round-robin from `val_defects` (by default every generator of `texad.data.synthetic`, including the
+validation-only Perlin and CutPaste ones), so sweeps select settings on anomalies without ever
+touching the test set. `setting="blind"` trains on the
 unlabelled test images themselves (the transductive protocol of blind localization).
 """
 
@@ -126,6 +128,8 @@ class AnomalyDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         val_synthetic: bool = True,
+        val_copies: int = 3,
+        val_defects: Sequence[str] | None = None,
         setting: str = "standard",
         seed: int = 0,
         name: str = "dataset",
@@ -141,6 +145,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers = num_workers
         self.val_fraction, self.val_synthetic = val_fraction, val_synthetic
+        self.val_copies, self.val_defects = _check_val_generators(val_copies, val_defects)
         self.setting, self.seed, self.name = setting, seed, name
         self.cache_features = cache_features  # methods may reuse frozen training features across epochs
         self.views = None  # set by methods that need superpixel views (Sp-CFA)
@@ -221,15 +226,16 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def val_dataset(self) -> AnomalyDataset:
         self.setup()
-        samples = list(self.val_samples)
+        normals = list(self.val_samples)
+        samples = list(normals)
         synthetic: dict[int, str] = {}
-        if self.val_synthetic and samples:
-            from texad.data.synthetic import DEFECT_TYPES
-
-            n = len(samples)
-            for i in range(n):
-                synthetic[n + i] = DEFECT_TYPES[i % len(DEFECT_TYPES)]
-            samples = samples + samples
+        if self.val_synthetic and normals:
+            # copy c of held-out normal i gets generator (i·copies + c) mod G: every generator appears
+            # ⌊n·copies/G⌋ or one more times, and one normal's copies differ in kind
+            for i, sample in enumerate(normals):
+                for c in range(self.val_copies):
+                    synthetic[len(samples)] = self.val_defects[(i * self.val_copies + c) % len(self.val_defects)]
+                    samples.append(sample)
         return self._dataset(samples, with_masks=self.val_synthetic, synthetic=synthetic)
 
     def val_dataloader(self) -> DataLoader:
@@ -244,6 +250,18 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+def _check_val_generators(copies: int, defects: Sequence[str] | None) -> tuple[int, tuple[str, ...]]:
+    from texad.data.synthetic import ALL_GENERATORS
+
+    if int(copies) < 1:
+        raise TexadError(f"dataset.val_copies must be >= 1 (synthetic copies per held-out normal), got {copies}")
+    defects = tuple(ALL_GENERATORS if defects is None else defects)
+    unknown = [d for d in defects if d not in ALL_GENERATORS]
+    if unknown or not defects:
+        raise TexadError(f"dataset.val_defects: unknown generator(s) {unknown}; choose from {list(ALL_GENERATORS)}")
+    return int(copies), defects
 
 
 def check_root(root: str | Path | None, key: str = "dataset.root") -> Path:
@@ -282,15 +300,16 @@ class KSDD2DataModule(AnomalyDataModule):
 class MTDDataModule(AnomalyDataModule):
     """Magnetic Tile Defects, with a seeded train/test split of its normal images."""
 
-    def __init__(self, root: str, train_fraction: float = 0.8, **kwargs: Any) -> None:
+    def __init__(self, root: str, train_fraction: float = 0.8, split_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = check_root(root)
         self.train_fraction = train_fraction
+        self.split_seed = split_seed  # the train/test split's own seed: fixed, so every run sees one test set
 
     def list_samples(self) -> SampleSplit:
         from texad.data.layout import read_mtd
 
-        return read_mtd(self.root, self.train_fraction, self.seed)
+        return read_mtd(self.root, self.train_fraction, self.split_seed)
 
 
 class TextureDataModule(AnomalyDataModule):
@@ -328,11 +347,12 @@ class ELPVDataModule(AnomalyDataModule):
 
     def __init__(
         self, cache_dir: str, cell_type: str = "all", test_fraction_normal: float = 0.3, limit: int | None = None,
-        **kwargs: Any,
+        split_seed: int = 0, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.cell_type, self.test_fraction_normal, self.limit = cell_type, test_fraction_normal, limit
+        self.split_seed = split_seed  # the train/test split's own seed: fixed, so every run sees one test set
 
     def list_samples(self) -> SampleSplit:
         from texad.data.embedded import ensure_elpv_set
@@ -340,7 +360,7 @@ class ELPVDataModule(AnomalyDataModule):
 
         root = ensure_elpv_set(
             self.cache_dir, cell_type=self.cell_type, test_fraction_normal=self.test_fraction_normal,
-            seed=self.seed, limit=self.limit,
+            seed=self.split_seed, limit=self.limit,
         )
         return read_mvtec_layout(root)
 

@@ -15,6 +15,14 @@ Types (all sizes scale with the image, contrasts with the image's own standard d
 - hole: a dark irregular blob, darkest in its centre, ringed by a bright rim.
 - foreign: an irregular patch of the image's own texture magnified 2-3x, turned 90 degrees and given
   another mean and contrast, i.e. a coarser, differently oriented material with a hard outline.
+
+Validation-only generators (`VALIDATION_ONLY`), different in kind from every test family above, so
+validation does not reward a method for knowing the test defects (the embedded test sets are made
+of the five families above; real data sets have their own):
+- perlin (DRAEM-style, Zavrtanik et al. 2021): a region cut from thresholded Perlin noise, filled
+  with a foreign noise texture (its own scale, colour and contrast) blended in with opacity 0.5-0.9.
+- cutpaste (CutPaste, Li et al. 2021): a rectangle of the image's own texture cut from one place,
+  flipped, jittered in brightness and contrast, and pasted at another place (hard edges).
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ import numpy as np
 from texad.errors import TexadError
 
 DEFECT_TYPES = ("scratch", "crack", "stain", "hole", "foreign")
+VALIDATION_ONLY = ("perlin", "cutpaste")
+#: every generator plant_defect knows; validation uses all of them by default (dataset.val_defects)
+ALL_GENERATORS = DEFECT_TYPES + VALIDATION_ONLY
 MIN_AREA_FRACTION = 0.003
 MAX_AREA_FRACTION = 0.05
 MIN_IMAGE_SIDE = 32
@@ -43,7 +54,7 @@ def plant_defect(
     `rng`'s state: the same generator state gives the same defect.
     """
     if defect_type not in _PAINTERS:
-        raise TexadError(f"unknown defect type {defect_type!r}; choose one of {', '.join(DEFECT_TYPES)}")
+        raise TexadError(f"unknown defect type {defect_type!r}; choose one of {', '.join(ALL_GENERATORS)}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise TexadError(f"plant_defect needs a uint8 (H,W) or (H,W,C) image, got {image.dtype} {image.shape}")
@@ -255,10 +266,79 @@ def _paint_foreign(surface: _Surface) -> list[Layer]:
     return [(alpha, target)]
 
 
+def perlin_noise(height: int, width: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """2-D Perlin gradient noise (values in about [-0.7, 0.7]) with `cells` lattice cells on the shorter side."""
+    step = min(height, width) / cells
+    gy, gx = int(np.ceil(height / step)) + 1, int(np.ceil(width / step)) + 1
+    angles = rng.uniform(0, 2 * np.pi, size=(gy + 1, gx + 1))
+    grad = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) / step
+    y0, x0 = np.floor(yy).astype(int), np.floor(xx).astype(int)
+    fy, fx = yy - y0, xx - x0
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = grad[y0 + dy, x0 + dx]
+        return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)
+
+    def fade(t: np.ndarray) -> np.ndarray:
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) + ux * (corner(0, 1) - corner(0, 0))
+    bottom = corner(1, 0) + ux * (corner(1, 1) - corner(1, 0))
+    return top + uy * (bottom - top)
+
+
+def _paint_perlin(surface: _Surface) -> list[Layer]:
+    rng, h, w, m = surface.rng, surface.height, surface.width, surface.margin
+    noise = perlin_noise(h, w, int(rng.choice([2, 4, 8])), rng)
+    inside = np.zeros((h, w), bool)
+    inside[m : h - m, m : w - m] = True
+    fraction = rng.uniform(0.01, 0.04)
+    threshold = np.quantile(noise[inside], 1 - fraction * surface.area / inside.sum())
+    region = (noise > threshold) & inside
+    # the filling: a foreign noise texture at its own scale, with its own mean and contrast
+    fill = perlin_noise(h, w, int(rng.choice([8, 16, 32])), rng) + 0.5 * perlin_noise(h, w, 32, rng)
+    fill = (fill - fill.mean()) / max(fill.std(), 1e-6)
+    channels = surface.pixels.shape[2]
+    tint = rng.uniform(-1.5, 1.5, size=channels) * surface.std
+    target = surface.mean + tint + fill[..., None] * surface.std * rng.uniform(0.8, 1.6)
+    alpha = region.astype(np.float32) * rng.uniform(0.5, 0.9)
+    return [(alpha, target)]
+
+
+def _paint_cutpaste(surface: _Surface) -> list[Layer]:
+    rng, h, w = surface.rng, surface.height, surface.width
+    area = rng.uniform(0.01, 0.04) * surface.area
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    ph = int(np.clip(round(np.sqrt(area * aspect)), 2, h - 2 * surface.margin - 2))
+    pw = int(np.clip(round(area / ph), 2, w - 2 * surface.margin - 2))
+    sy, sx = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+    patch = surface.pixels[sy : sy + ph, sx : sx + pw].copy()
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    if rng.random() < 0.5:
+        patch = patch[::-1]
+    p_mean = patch.mean(axis=(0, 1))
+    gain = rng.uniform(0.7, 1.3)
+    shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.6) * surface.std
+    patch = (patch - p_mean) * gain + p_mean + shift
+    cy, cx = _centre_for(surface, ph / 2, pw / 2)
+    y0, x0 = int(round(cy - ph / 2)), int(round(cx - pw / 2))
+    y0, x0 = int(np.clip(y0, 0, h - ph)), int(np.clip(x0, 0, w - pw))
+    alpha = np.zeros((h, w), np.float32)
+    alpha[y0 : y0 + ph, x0 : x0 + pw] = 1.0
+    target = surface.pixels.copy()
+    target[y0 : y0 + ph, x0 : x0 + pw] = patch
+    return [(alpha, target)]
+
+
 _PAINTERS = {
     "scratch": _paint_scratch,
     "crack": _paint_crack,
     "stain": _paint_stain,
     "hole": _paint_hole,
     "foreign": _paint_foreign,
+    "perlin": _paint_perlin,
+    "cutpaste": _paint_cutpaste,
 }

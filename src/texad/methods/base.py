@@ -14,6 +14,7 @@ import torch
 
 from texad.data.batch import Batch
 from texad.metrics import ImageMetrics, PixelMetrics
+from texad.metrics.border import ratio_of_sums, ring_sums
 
 BACKBONE_PREFIX = "model.backbone."
 
@@ -37,6 +38,8 @@ class AnomalyModule(L.LightningModule):
             }
         )
         self.results: dict[str, dict[str, float | None]] = {}
+        self.per_image_results: dict[str, dict[str, Any]] = {}  # stage → key → (N,) array
+        self._ring: dict[str, torch.Tensor] = {}  # stage → accumulated ring_sums of normal images
 
     # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
     def prepare_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> bool:
@@ -58,6 +61,10 @@ class AnomalyModule(L.LightningModule):
             self.metrics[f"{stage}_pixel"].update(amap.cpu(), batch.mask[:, 0].cpu())
         if (batch.label >= 0).all():
             self.metrics[f"{stage}_image"].update(score.cpu(), batch.label.cpu())
+            normal = batch.label.cpu() == 0
+            if normal.any() and min(amap.shape[-2:]) > 2:
+                sums = ring_sums(amap.cpu()[normal])
+                self._ring[stage] = sums if stage not in self._ring else self._ring[stage] + sums
         return {**out, "path": batch.path, "label": batch.label, "defect_type": batch.defect_type}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
@@ -71,21 +78,35 @@ class AnomalyModule(L.LightningModule):
 
     def _compute(self, stage: str) -> None:
         res: dict[str, float | None] = {}
+        chosen = self.results.get("val", {}) if stage == "test" else {}
         for kind in ("pixel", "image"):
             metric = self.metrics[f"{stage}_{kind}"]
             values = metric.compute() if metric.update_count > 0 else {}
+            # F1 at the threshold validation chose (its best-F1 threshold), beside test's own best F1
+            threshold = chosen.get(f"{kind}_f1_threshold")
+            if stage == "test" and threshold is not None and metric.update_count > 0:
+                values[f"{kind}_f1_at_val"] = metric.f1_at(threshold)
+            if kind == "pixel":  # per-image values (pixel_aupimo) in update order, for scores.csv
+                self.per_image_results[stage] = dict(getattr(metric, "per_image", {}) or {})
             metric.reset()
             for key in (
-                ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold")
+                ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold", "pixel_f1_at_val",
+                 "pixel_aupimo")
                 if kind == "pixel"
-                else ("image_auroc", "image_f1", "image_f1_threshold")
+                else ("image_auroc", "image_f1", "image_f1_threshold", "image_f1_at_val")
             ):
+                if stage != "test" and key.endswith("_at_val"):
+                    continue
                 v = values.get(key)
                 res[key] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+        ring = self._ring.pop(stage, None)
+        res["ring_ratio"] = None if ring is None else ratio_of_sums(ring)
         self.results[stage] = res
         for key, v in res.items():
             if v is not None:
-                self.log(f"{stage}/{key}", v, rank_zero_only=True, sync_dist=False)
+                # every rank logs (the metric states are synced in compute, so the values agree):
+                # callbacks that monitor a validation metric run on every rank
+                self.log(f"{stage}/{key}", v, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._compute("val")

@@ -25,10 +25,11 @@ def ring_width(side: int) -> int:
     return max(1, round(RING_AT_256 * side / 256))
 
 
-def ring_ratio(maps: torch.Tensor, ring: int | None = None) -> float:
-    """Mean of the border ring over the mean of the interior, over a batch of maps (B, H, W).
+def ring_sums(maps: torch.Tensor, ring: int | None = None) -> torch.Tensor:
+    """[border sum, border count, interior sum, interior count] of min-shifted maps (B, H, W).
 
-    Each map is shifted by its own minimum first. `ring` defaults to `ring_width(min(H, W))`.
+    Sums add up over batches, so `ratio_of_sums` of the accumulated vector equals `ring_ratio` of
+    all maps at once.
     """
     if maps.ndim == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
@@ -38,12 +39,30 @@ def ring_ratio(maps: torch.Tensor, ring: int | None = None) -> float:
     ring = ring_width(min(h, w)) if ring is None else int(ring)
     if not 0 < 2 * ring < min(h, w):
         raise TexadError(f"ring width {ring} does not fit maps of {h}×{w}")
-    x = maps.double()
+    x = maps.detach().double()
     x = x - x.flatten(1).amin(1)[:, None, None]
     inner = torch.zeros(h, w, dtype=torch.bool, device=x.device)
     inner[ring : h - ring, ring : w - ring] = True
-    inside = x[:, inner].mean()
-    border = x[:, ~inner].mean()
+    n_inner = int(inner.sum()) * x.shape[0]
+    return torch.tensor(
+        [float(x[:, ~inner].sum()), x.numel() - n_inner, float(x[:, inner].sum()), n_inner], dtype=torch.float64
+    )
+
+
+def ratio_of_sums(sums: torch.Tensor) -> float | None:
+    """Border mean over interior mean from accumulated `ring_sums` (None when nothing was added)."""
+    border_sum, border_n, inner_sum, inner_n = (float(v) for v in sums)
+    if border_n == 0 or inner_n == 0:
+        return None
+    border, inside = border_sum / border_n, inner_sum / inner_n
     if inside <= 0:
         return float("inf") if border > 0 else 1.0
-    return float(border / inside)
+    return border / inside
+
+
+def ring_ratio(maps: torch.Tensor, ring: int | None = None) -> float:
+    """Mean of the border ring over the mean of the interior, over a batch of maps (B, H, W).
+
+    Each map is shifted by its own minimum first. `ring` defaults to `ring_width(min(H, W))`.
+    """
+    return ratio_of_sums(ring_sums(maps, ring))

@@ -43,6 +43,7 @@ __all__ = [
     "roc_auc",
     "average_precision",
     "best_f1",
+    "f1_at_threshold",
     "image_scores",
     "label_regions",
     "aupro",
@@ -246,6 +247,23 @@ def image_scores(scores, labels) -> dict[str, float]:
 def best_f1(scores, targets) -> tuple[float, float]:
     """Max F1 over all thresholds and the threshold reaching it (predict ``score >= threshold``)."""
     return _best_f1_of(operating_points(scores, targets))
+
+
+def f1_at_threshold(scores, targets, threshold: float) -> float:
+    """F1 of predicting ``score >= threshold`` (a threshold chosen elsewhere, e.g. on validation).
+
+    nan when there is no positive target (F1 undefined); 0 when nothing is predicted positive.
+    """
+    s = _scores_array(scores)
+    t = _binary_array(targets)
+    _check_same_size(s, t)
+    if not math.isfinite(float(threshold)) or not t.any():
+        return float("nan")
+    predicted = s >= threshold
+    tp = int(np.count_nonzero(predicted & t))
+    fp = int(np.count_nonzero(predicted & ~t))
+    fn = int(np.count_nonzero(~predicted & t))
+    return 2.0 * tp / (2 * tp + fp + fn)
 
 
 # --------------------------------------------------------------------------- per-region overlap

@@ -7,7 +7,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from texad.errors import TexadError
-from texad.metrics.functional import image_scores
+from texad.metrics.functional import f1_at_threshold, image_scores
 
 
 class ImageMetrics(Metric):
@@ -40,3 +40,9 @@ class ImageMetrics(Metric):
             nan = float("nan")
             return {"image_auroc": nan, "image_f1": nan, "image_f1_threshold": nan}
         return image_scores(dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.labels).cpu())
+
+    def f1_at(self, threshold: float) -> float:
+        """Image F1 at a given threshold (``score >= threshold``), e.g. the one chosen on validation."""
+        if isinstance(self.scores, list) and not self.scores:
+            return float("nan")
+        return f1_at_threshold(dim_zero_cat(self.scores), dim_zero_cat(self.labels), threshold)

@@ -13,7 +13,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from texad.errors import TexadError
-from texad.metrics.functional import pixel_scores
+from texad.metrics.aupimo import DEFAULT_FPR_BOUNDS, aupimo_per_image
+from texad.metrics.functional import f1_at_threshold, pixel_scores
 
 # Output key suffix -> key of ``pixel_scores`` ("aupr" is the average precision).
 _KEYS_FROM = {"auroc": "auroc", "aupro": "aupro", "aupr": "ap", "f1": "f1", "f1_threshold": "f1_threshold"}
@@ -46,13 +47,15 @@ class PixelMetrics(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, fpr_limit: float = 0.3, **kwargs) -> None:
+    def __init__(self, fpr_limit: float = 0.3, aupimo_fpr_bounds=DEFAULT_FPR_BOUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < fpr_limit <= 1.0:
             raise TexadError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
         self.fpr_limit = fpr_limit
         self.add_state("anomaly_maps", default=[], dist_reduce_fx="cat")
         self.add_state("masks", default=[], dist_reduce_fx="cat")
+        self.aupimo_fpr_bounds = tuple(aupimo_fpr_bounds)
+        self.per_image: dict = {}  # after compute(): per-image values in update order (pixel_aupimo)
 
     def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor) -> None:
         """Store one batch: maps (B, H, W) or (B, 1, H, W) of any range; masks 0/1 or bool."""
@@ -69,7 +72,19 @@ class PixelMetrics(Metric):
 
     def compute(self) -> dict[str, float]:
         if isinstance(self.anomaly_maps, list) and not self.anomaly_maps:
-            return dict.fromkeys(_KEYS, float("nan"))
+            self.per_image = {}
+            return dict.fromkeys((*_KEYS, "pixel_aupimo"), float("nan"))
         maps = dim_zero_cat(self.anomaly_maps).cpu()
         masks = dim_zero_cat(self.masks).cpu()
-        return pixel_metric_record(maps, masks, self.fpr_limit)
+        record = pixel_metric_record(maps, masks, self.fpr_limit)
+        per_image = aupimo_per_image(maps, masks, self.aupimo_fpr_bounds)  # nan for normal images
+        self.per_image = {"pixel_aupimo": per_image}
+        finite = per_image[per_image == per_image]
+        record["pixel_aupimo"] = float(finite.mean()) if finite.size else float("nan")
+        return record
+
+    def f1_at(self, threshold: float) -> float:
+        """Pixel F1 of the stored maps at a given threshold (``map >= threshold``), e.g. validation's."""
+        if isinstance(self.anomaly_maps, list) and not self.anomaly_maps:
+            return float("nan")
+        return f1_at_threshold(dim_zero_cat(self.anomaly_maps).flatten(), dim_zero_cat(self.masks).flatten(), threshold)

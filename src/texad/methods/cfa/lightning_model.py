@@ -21,6 +21,7 @@ from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.methods.cfa.torch_model import CFAModel
+from texad.ops import image_score as image_score_of
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class CFA(AnomalyModule):
         seed: int = 0,
         slic: dict | None = None,
         view_cache: bool = False,
+        score: str = "softmin",
+        input_padding: int = 0,
+        input_padding_mode: str = "reflect",
+        image_score: str = "max",
+        image_score_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         region_sizes = [None if r is None else int(r) for r in region_sizes]
@@ -86,7 +92,11 @@ class CFA(AnomalyModule):
             blur_sigma=blur_sigma,
             distance_budget_mb=distance_budget_mb,
             init_seed=seed,
+            score=score,
+            input_padding=input_padding,
+            input_padding_mode=input_padding_mode,
         )
+        image_score_of(torch.zeros(1, 4), image_score, image_score_fraction)  # check the keys now, not at test
         self.view_keys: dict[str, str] = {}  # view name → cache key (set by attach_views)
         self.frozen_views: set[str] = set()  # loaded from the cache: not trained in this fit
         self.fit_info: dict[str, Any] = {}  # {"view_cache": {...}}: for metrics.json
@@ -170,6 +180,7 @@ class CFA(AnomalyModule):
             "std": datamodule.std,
             "backbone": dict(cfg.backbone),
             "pool": self.hparams.pool,
+            "input_padding": [self.hparams.input_padding, self.hparams.input_padding_mode],
             "views": {v: self.model.region_sizes.get(v) for v in self.model.view_names},
             "slic": dict(self.hparams.slic or {}),
         }
@@ -321,6 +332,7 @@ class CFA(AnomalyModule):
         if self._split:
             self._collect(batch, views)
         amap = self.model.fuse(views)
-        out: dict[str, Any] = {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
+        score = image_score_of(amap, self.hparams.image_score, self.hparams.image_score_fraction)
+        out: dict[str, Any] = {"anomaly_map": amap, "pred_score": score}
         out["view_maps"] = views
         return out

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import FeatureExtractor, local_average_and_concat
+from texad.backbones import FeatureExtractor, local_average_and_concat, padded_features
 from texad.methods.cfa.descriptor import CoordConvDescriptor
 from texad.methods.cfa.loss import CoupledHypersphereLoss
 from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
-from texad.methods.cfa.scorer import softmin_nearest_score
+from texad.errors import TexadError
+from texad.methods.cfa.scorer import SCORERS
 from texad.ops import gaussian_blur2d
 
 VIEWS = ("org", "small", "big")
@@ -27,9 +28,13 @@ class CFAHead(nn.Module):
     """Descriptor + memory bank + loss for one view."""
 
     def __init__(
-        self, in_channels: int, gamma_d: int, k: int, j: int, r0: float, alpha: float, nu: float, budget_mb: float
+        self, in_channels: int, gamma_d: int, k: int, j: int, r0: float, alpha: float, nu: float, budget_mb: float,
+        score: str = "softmin",
     ) -> None:
         super().__init__()
+        if score not in SCORERS:
+            raise TexadError(f"method.score must be one of {list(SCORERS)}, got {score!r}")
+        self.scorer = SCORERS[score]
         self.descriptor = CoordConvDescriptor(in_channels, max(1, in_channels // gamma_d))
         self.bank = MemoryBank()
         self.loss_fn = CoupledHypersphereLoss(k=k, j=j, r0=r0, alpha=alpha, nu=nu)
@@ -46,10 +51,10 @@ class CFAHead(nn.Module):
         return self.loss_fn(sq)
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,h,w) softmin-weighted nearest-centroid distance at feature resolution."""
+        """(B,h,w) patch scores (`method.score`: softmin-weighted or plain nearest distance) at feature resolution."""
         patches, (b, h, w) = self._patches(features)
         sq, _ = nearest_sq_distances(patches, self.bank.centroids, self.k, self.budget_mb)
-        return softmin_nearest_score(sq).view(b, h, w)
+        return self.scorer(sq).view(b, h, w)
 
 
 class CFAModel(nn.Module):
@@ -71,10 +76,14 @@ class CFAModel(nn.Module):
         blur_sigma: float = 4.0,
         distance_budget_mb: float = 256.0,
         init_seed: int | None = None,
+        score: str = "softmin",
+        input_padding: int = 0,
+        input_padding_mode: str = "reflect",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool, self.blur_sigma = pool, blur_sigma
+        self.input_padding, self.input_padding_mode = int(input_padding), input_padding_mode
         self.region_sizes = {"small": region_sizes[0], "big": region_sizes[1]}
         self.view_names = ["org"] + [v for v in ("small", "big") if self.region_sizes[v] is not None]
         self.alpha = dict(zip(VIEWS, (float(a) for a in alpha)))
@@ -82,7 +91,7 @@ class CFAModel(nn.Module):
         in_ch = sum(backbone.channels)
 
         def head() -> CFAHead:
-            return CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb)
+            return CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb, score)
 
         self.heads = nn.ModuleDict({"org": head()})
         for v in self.view_names[1:]:
@@ -103,7 +112,10 @@ class CFAModel(nn.Module):
             return make()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return local_average_and_concat(self.backbone(images), self.pool)
+        """Frozen, locally averaged features; the input is padded first (`method.input_padding`) and the
+        maps cropped back, so border cells are not made unique by the backbone's zero padding."""
+        maps = padded_features(self.backbone, images, self.input_padding, self.input_padding_mode)
+        return local_average_and_concat(maps, self.pool)
 
     def view_features(
         self, images: torch.Tensor, mosaics: dict[str, torch.Tensor], views: Sequence[str] | None = None
