@@ -114,8 +114,12 @@ class CFAModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen, locally averaged features; the input is padded first (`method.input_padding`) and the
         maps cropped back, so border cells are not made unique by the backbone's zero padding."""
-        maps = padded_features(self.backbone, images, self.input_padding, self.input_padding_mode)
-        return local_average_and_concat(maps, self.pool)
+        def extract(x: torch.Tensor) -> list[torch.Tensor]:
+            # pooled and upsampled before the crop: the 3×3 average of a border cell then covers
+            # padded context, not avg_pool2d's zero padding
+            return [local_average_and_concat(self.backbone(x), self.pool)]
+
+        return padded_features(extract, images, self.input_padding, self.input_padding_mode)[0]
 
     def view_features(
         self, images: torch.Tensor, mosaics: dict[str, torch.Tensor], views: Sequence[str] | None = None
