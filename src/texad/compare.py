@@ -1,11 +1,23 @@
-"""Compare the runs of a sweep without W&B: one table, best first, and each metric against each swept value.
+"""Compare the runs of a sweep without W&B: one table ranked by validation, seeds pooled, plots.
 
-    python -m texad.compare outputs/multirun/<date>/<time> [--sort pixel_aupr] [--ascending] [--out DIR]
+    python -m texad.compare outputs/multirun/<date>/<time> [--sort val/pixel_aupr] [--ascending] [--out DIR]
 
-Each run dir of the sweep holds `.hydra/overrides.yaml` (what this job was given) and, if it
-finished, `metrics.json`. Parameters whose value differs between runs are the swept ones (with a
-single run, every override counts); the rest are listed once as fixed. Writes `summary.csv`,
-`summary.md` and `plots/<metric>__<param>.png` into the sweep dir (or --out), and prints the table.
+Each run dir of the sweep holds `.hydra/overrides.yaml` (what this job was given), `.hydra/config.yaml`
+(its composed config: `optimized_metric`, `seed`) and, if it finished, `metrics.json`. Parameters whose
+value differs between runs are the swept ones (with a single run, every override counts); the rest
+are listed once as fixed.
+
+Ranking: by default runs are sorted by the runs' own `optimized_metric` (a validation key,
+`val/pixel_aupr` unless the sweep set another), with the test metrics in the columns beside it. A
+test key may be given with --sort for reporting, with a warning: choosing a setting by a test
+metric is selecting on the test set.
+
+Seeds: runs that differ only in `seed` are one setting; `summary_seeds.csv` and the first table of
+`summary.md` give each setting's mean ± sample standard deviation (ddof 1; empty for one run) per
+metric and the number of runs, ranked by the mean of the sort metric.
+
+Writes `summary.csv` (one row per run), `summary_seeds.csv` (when some setting has several seeds),
+`summary.md` and `plots/<metric>__<param>.png` into the sweep dir (or --out), and prints the tables.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import io
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +38,9 @@ import yaml
 
 from texad.outputs import METRIC_KEYS, atomic_write
 
-DEFAULT_SORT = "pixel_aupr"
+DEFAULT_SORT = "val/pixel_aupr"  # train.yaml's optimized_metric
+SEED_KEY = "seed"
+CLUSTERING_KEYS = ("nmi", "ari", "cluster_f1")
 
 
 @dataclass
@@ -35,6 +50,8 @@ class RunRecord:
     run: str  # path relative to the sweep dir
     overrides: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
+    optimized_metric: str | None = None  # from the run's .hydra/config.yaml
+    seed: Any = None  # the run's seed (config.yaml, else its override)
 
     @property
     def status(self) -> str:
@@ -62,14 +79,32 @@ def typed(value: str) -> Any:
 
 
 def flatten_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """Numeric entries of metrics.json; validation ones as 'val/<name>'."""
+    """Numeric entries of metrics.json (the seed aside); validation ones as 'val/<name>'."""
     out: dict[str, float] = {}
     for key, value in record.items():
+        if key == SEED_KEY:  # which run, not a measurement
+            continue
         if key == "val" and isinstance(value, dict):
             out.update({f"val/{k}": float(v) for k, v in value.items() if _is_number(v)})
         elif _is_number(value):
             out[key] = float(value)
     return out
+
+
+def is_test_metric(key: str) -> bool:
+    """A metric measured on the test set (top-level pixel_*/image_*/clustering keys of metrics.json)."""
+    if key.startswith("val/"):
+        return False
+    name = key.removeprefix("raw_")
+    return name.startswith(("pixel_", "image_")) or name in CLUSTERING_KEYS
+
+
+def test_sort_warning(key: str) -> str:
+    return (
+        f"ranking by {key!r}, a test metric: test metrics must not select a setting (that is selecting "
+        f"on the test set); rank by validation, e.g. --sort val/{key.removeprefix('raw_')} "
+        f"(the default is the runs' optimized_metric)"
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -78,6 +113,15 @@ def _is_number(value: Any) -> bool:
 
 def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's composed config (unresolved interpolations stay text); {} when absent or unreadable."""
+    try:
+        conf = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
 
 
 def find_runs(sweep_dir: str | Path) -> list[RunRecord]:
@@ -90,8 +134,24 @@ def find_runs(sweep_dir: str | Path) -> list[RunRecord]:
         overrides = dict(kv for kv in map(parse_override, lines) if kv is not None)
         metrics_file = run_dir / "metrics.json"
         metrics = flatten_metrics(json.loads(metrics_file.read_text())) if metrics_file.is_file() else {}
-        records.append(RunRecord(str(run_dir.relative_to(root)) if run_dir != root else ".", overrides, metrics))
+        conf = _read_run_config(run_dir)
+        optimized = conf.get("optimized_metric")
+        seed = conf.get(SEED_KEY, overrides.get(SEED_KEY))
+        records.append(
+            RunRecord(
+                str(run_dir.relative_to(root)) if run_dir != root else ".", overrides, metrics,
+                str(optimized) if optimized else None, seed,
+            )
+        )
     return records
+
+
+def selection_metric(runs: Sequence[RunRecord]) -> str:
+    """The optimized_metric the runs were configured with (the most common one), else val/pixel_aupr."""
+    keys = [r.optimized_metric for r in runs if r.optimized_metric]
+    if not keys:
+        return DEFAULT_SORT
+    return max(dict.fromkeys(keys), key=keys.count)
 
 
 def swept_parameters(runs: Sequence[RunRecord]) -> tuple[list[str], dict[str, str]]:
@@ -106,14 +166,15 @@ def swept_parameters(runs: Sequence[RunRecord]) -> tuple[list[str], dict[str, st
     return swept, {k: next(iter(values[k])) for k in keys if k not in swept}
 
 
-def metric_columns(runs: Sequence[RunRecord]) -> list[str]:
-    """The headline metrics first, then other test numbers, then validation ones."""
+def metric_columns(runs: Sequence[RunRecord], sort: str | None = None) -> list[str]:
+    """The sort metric first, then the headline test metrics beside it, other test numbers, validation ones."""
     present: list[str] = []
     for r in runs:
         present += [k for k in r.metrics if k not in present]
-    head = [k for k in METRIC_KEYS if k in present]
-    rest = [k for k in present if k not in head and not k.startswith("val/")]
-    return head + rest + [k for k in present if k.startswith("val/")]
+    first = [sort] if sort in present else []
+    head = [k for k in METRIC_KEYS if k in present and k not in first]
+    rest = [k for k in present if k not in head and k not in first and not k.startswith("val/")]
+    return first + head + rest + [k for k in present if k.startswith("val/") and k not in first]
 
 
 def sort_runs(runs: Sequence[RunRecord], metric: str, ascending: bool = False) -> list[RunRecord]:
@@ -121,6 +182,52 @@ def sort_runs(runs: Sequence[RunRecord], metric: str, ascending: bool = False) -
     have = [r for r in runs if metric in r.metrics]
     missing = [r for r in runs if metric not in r.metrics]
     return sorted(have, key=lambda r: r.metrics[metric], reverse=not ascending) + missing
+
+
+@dataclass
+class SeedGroup:
+    """Runs that differ only in `seed`: one setting, several seeds."""
+
+    params: dict[str, str]  # the swept values of this setting (seed excluded)
+    runs: list[RunRecord]
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def n_ok(self) -> int:
+        return sum(1 for r in self.runs if r.metrics)
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics[metric] for r in self.runs if metric in r.metrics]
+
+    def mean(self, metric: str) -> float | None:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: str) -> float | None:
+        """Sample standard deviation (ddof 1) over the seeds; None with fewer than two values."""
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+
+def group_by_seed(runs: Sequence[RunRecord], params: Sequence[str]) -> list[SeedGroup]:
+    """Runs grouped by every swept value except `seed`, in order of first appearance."""
+    keys = [p for p in params if p != SEED_KEY]
+    groups: dict[tuple, SeedGroup] = {}
+    for r in runs:
+        key = tuple(r.overrides.get(p) for p in keys)
+        if key not in groups:
+            groups[key] = SeedGroup({p: r.overrides.get(p, "") for p in keys}, [])
+        groups[key].runs.append(r)
+    return list(groups.values())
+
+
+def sort_groups(groups: Sequence[SeedGroup], metric: str, ascending: bool = False) -> list[SeedGroup]:
+    have = [g for g in groups if g.mean(metric) is not None]
+    missing = [g for g in groups if g.mean(metric) is None]
+    return sorted(have, key=lambda g: g.mean(metric), reverse=not ascending) + missing
 
 
 @dataclass
@@ -133,10 +240,27 @@ class Summary:
     fixed: dict[str, str]
     metrics: list[str]
     sort: str
+    groups: list[SeedGroup] = field(default_factory=list)  # best first
 
     @property
     def columns(self) -> list[str]:
         return ["rank", "run", *self.params, *self.metrics, "status"]
+
+    @property
+    def has_seed_groups(self) -> bool:
+        """True when some setting was run with several seeds (then the pooled table is shown)."""
+        return any(len(g.runs) > 1 for g in self.groups)
+
+    @property
+    def group_params(self) -> list[str]:
+        return [p for p in self.params if p != SEED_KEY]
+
+    @property
+    def group_columns(self) -> list[str]:
+        cols = ["rank", *self.group_params, "n_runs", "seeds"]
+        for m in self.metrics:
+            cols += [f"{m}_mean", f"{m}_std"]
+        return cols
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -147,20 +271,43 @@ class Summary:
             out.append(row)
         return out
 
+    def group_rows(self) -> list[dict[str, Any]]:
+        out = []
+        for i, g in enumerate(self.groups, 1):
+            row: dict[str, Any] = {"rank": i, **g.params, "n_runs": g.n_ok}
+            row["seeds"] = " ".join(str(s) for s in g.seeds)
+            for m in self.metrics:
+                mean, std = g.mean(m), g.std(m)
+                row[f"{m}_mean"] = "" if mean is None else mean
+                row[f"{m}_std"] = "" if std is None else std
+            out.append(row)
+        return out
 
-def summarize(sweep_dir: str | Path, sort: str = DEFAULT_SORT, ascending: bool = False) -> Summary:
+
+def summarize(sweep_dir: str | Path, sort: str | None = None, ascending: bool = False) -> Summary:
+    """The sweep's table; `sort` None ranks by the runs' optimized_metric (validation)."""
     runs = find_runs(sweep_dir)
+    sort = sort or selection_metric(runs)
     params, fixed = swept_parameters(runs)
-    metrics = metric_columns(runs)
-    return Summary(Path(sweep_dir), sort_runs(runs, sort, ascending), params, fixed, metrics, sort)
+    metrics = metric_columns(runs, sort)
+    groups = sort_groups(group_by_seed(runs, params), sort, ascending)
+    return Summary(Path(sweep_dir), sort_runs(runs, sort, ascending), params, fixed, metrics, sort, groups)
+
+
+def _to_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def to_csv(summary: Summary) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=summary.columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary.rows())
-    return buf.getvalue()
+    return _to_csv(summary.columns, summary.rows())
+
+
+def seeds_to_csv(summary: Summary) -> str:
+    return _to_csv(summary.group_columns, summary.group_rows())
 
 
 def _cell(value: Any) -> str:
@@ -169,12 +316,45 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _mean_std_cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return _cell(mean) if std is None else f"{_cell(mean)} ± {_cell(std)}"
+
+
+def _header(summary: Summary, col: str) -> str:
+    return f"{col} (selection)" if col == summary.sort and not is_test_metric(col) else col
+
+
+def sort_note(summary: Summary) -> str:
+    if is_test_metric(summary.sort):
+        return f"best first by `{summary.sort}`, a TEST metric: for reporting only, never select with it."
+    return f"best first by `{summary.sort}` (validation); test metrics beside it are never used to rank."
+
+
 def to_markdown(summary: Summary) -> str:
-    lines = [f"# Sweep {summary.sweep_dir}", "", f"{len(summary.runs)} runs, best first by `{summary.sort}`.", ""]
+    lines = [f"# Sweep {summary.sweep_dir}", ""]
     if summary.fixed:
         lines += ["Fixed: " + ", ".join(f"`{k}={v}`" for k, v in summary.fixed.items()), ""]
+    if summary.has_seed_groups:
+        lines += [
+            f"## {len(summary.groups)} settings, mean ± std over seeds",
+            "",
+            f"{sort_note(summary)} std: sample standard deviation (ddof 1) over the runs of a setting.",
+            "",
+        ]
+        cols = [*summary.group_params, "n_runs", *summary.metrics]
+        lines.append("| rank | " + " | ".join(_header(summary, c) for c in cols) + " |")
+        lines.append("|---:|" + "|".join("---" if c in summary.group_params else "---:" for c in cols) + "|")
+        for i, g in enumerate(summary.groups, 1):
+            cells = [str(i), *(_cell(g.params[p]) for p in summary.group_params), str(g.n_ok)]
+            cells += [_mean_std_cell(g.mean(m), g.std(m)) for m in summary.metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"## {len(summary.runs)} runs", ""]
+    else:
+        lines += [f"{len(summary.runs)} runs, {sort_note(summary)}", ""]
     cols = summary.columns
-    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("| " + " | ".join(_header(summary, c) for c in cols) + " |")
     lines.append("|" + "|".join("---:" if c in summary.metrics or c == "rank" else "---" for c in cols) + "|")
     for row in summary.rows():
         lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
@@ -182,9 +362,12 @@ def to_markdown(summary: Summary) -> str:
 
 
 def write_summary(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
-    """summary.csv and summary.md in out_dir."""
+    """summary.csv and summary.md in out_dir (and summary_seeds.csv when settings have several seeds)."""
     out = Path(out_dir)
     csv_text, md_text = to_csv(summary), to_markdown(summary)
+    if summary.has_seed_groups:
+        seeds_text = seeds_to_csv(summary)
+        atomic_write(out / "summary_seeds.csv", lambda tmp: tmp.write_text(seeds_text))
     return (
         atomic_write(out / "summary.csv", lambda tmp: tmp.write_text(csv_text)),
         atomic_write(out / "summary.md", lambda tmp: tmp.write_text(md_text)),
@@ -196,13 +379,14 @@ def _safe(name: str) -> str:
 
 
 def write_plots(summary: Summary, out_dir: str | Path, metrics: Sequence[str] | None = None) -> list[Path]:
-    """One PNG per (metric, swept parameter): plots/<metric>__<param>.png."""
+    """One PNG per (metric, swept parameter): plots/<metric>__<param>.png (seeds are pooled, not an axis)."""
     from texad.viz import metric_vs_param_figure, save_figure
 
-    wanted = list(metrics) if metrics else [m for m in (*METRIC_KEYS, summary.sort) if m in summary.metrics]
+    wanted = list(metrics) if metrics else [m for m in (summary.sort, *METRIC_KEYS) if m in summary.metrics]
     wanted = list(dict.fromkeys(wanted))
+    params = summary.group_params if summary.has_seed_groups else summary.params
     paths = []
-    for param in summary.params:
+    for param in params:
         values = [typed(r.overrides[param]) if param in r.overrides else "(unset)" for r in summary.runs]
         for metric in wanted:
             scores = [r.metrics.get(metric) for r in summary.runs]
@@ -215,7 +399,11 @@ def write_plots(summary: Summary, out_dir: str | Path, metrics: Sequence[str] | 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m texad.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun dir, e.g. outputs/multirun/<date>/<time>")
-    parser.add_argument("--sort", default=DEFAULT_SORT, help=f"metric to rank by (default {DEFAULT_SORT}; e.g. val/pixel_aupr)")
+    parser.add_argument(
+        "--sort", default=None,
+        help=f"metric to rank by (default: the runs' optimized_metric, {DEFAULT_SORT} unless set); "
+        "a test key is allowed for reporting, with a warning",
+    )
     parser.add_argument("--ascending", action="store_true", help="lower is better (e.g. wall_time_s)")
     parser.add_argument("--out", default=None, help="where summary.* and plots/ go (default: the sweep dir)")
     parser.add_argument("--no-plots", action="store_true")
@@ -228,13 +416,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not summary.runs:
         print(f"texad.compare: error: no runs (.hydra/overrides.yaml) under {str(sweep_dir)!r}", file=sys.stderr)
         return 1
-    if args.sort not in summary.metrics:
-        print(f"texad.compare: warning: no run has metric {args.sort!r}; known: {summary.metrics}", file=sys.stderr)
+    if is_test_metric(summary.sort):
+        print(f"texad.compare: warning: {test_sort_warning(summary.sort)}", file=sys.stderr)
+    if summary.sort not in summary.metrics:
+        print(f"texad.compare: warning: no run has metric {summary.sort!r}; known: {summary.metrics}", file=sys.stderr)
     out_dir = Path(args.out) if args.out else sweep_dir
     csv_path, md_path = write_summary(summary, out_dir)
     plots = [] if args.no_plots else write_plots(summary, out_dir)
     print(to_markdown(summary))
-    print(f"wrote {csv_path}, {md_path} and {len(plots)} plots in {out_dir / 'plots'}")
+    seeds = f", {out_dir / 'summary_seeds.csv'}" if summary.has_seed_groups else ""
+    print(f"wrote {csv_path}{seeds}, {md_path} and {len(plots)} plots in {out_dir / 'plots'}")
     return 0
 
 

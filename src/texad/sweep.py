@@ -1,7 +1,8 @@
 """Hydra callbacks around a multirun (registered in conf/hydra/default.yaml under `hydra.callbacks`).
 
-- `SummaryCallback`: when the sweep ends, `summary.csv` (and `summary.md`) at the multirun root,
-  one row per run with its swept values and all its metrics (the table of `texad.compare`).
+- `SummaryCallback`: when the sweep ends, `summary.csv` (and `summary.md`, `summary_seeds.csv`) at
+  the multirun root, one row per run with its swept values and all its metrics, ranked by the runs'
+  validation `optimized_metric` (the tables of `texad.compare`).
 - `WandbGroupCallback`: the jobs of one multirun share a W&B group named after the sweep dir, through
   `WANDB_RUN_GROUP` (read by conf/logger/wandb.yaml); a group the user set is left alone.
 
@@ -31,17 +32,23 @@ def sweep_group_name(sweep_dir: str | Path) -> str:
 
 
 class SummaryCallback(Callback):
-    """Writes summary.csv / summary.md at the multirun root when all jobs are done."""
+    """Writes summary.csv / summary.md at the multirun root when all jobs are done.
 
-    def __init__(self, sort: str = "pixel_aupr", ascending: bool = False) -> None:
+    `sort` None (the default) ranks by the runs' own `optimized_metric`, a validation key; a test key
+    is honoured with a warning (a test metric must not select a setting).
+    """
+
+    def __init__(self, sort: str | None = None, ascending: bool = False) -> None:
         self.sort, self.ascending = sort, ascending
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from texad.compare import summarize, write_summary
+        from texad.compare import is_test_metric, summarize, test_sort_warning, write_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
+        if self.sort and is_test_metric(self.sort):
+            log.warning("sweep summary: %s", test_sort_warning(self.sort))
         try:
             summary = summarize(sweep_dir, self.sort, self.ascending)
             if summary.runs:
