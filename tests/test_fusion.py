@@ -75,3 +75,23 @@ def test_time_refusion_reports_the_benchmark_figure():
     timing = time_refusion(n_points=4, n_images=4, size=64)
     assert timing["n_points"] == 4 and timing["pixels"] == 4 * 64 * 64
     assert timing["points_s"] > 0 and timing["per_point_s"] == pytest.approx(timing["points_s"] / 4)
+
+
+def test_image_metrics_use_the_methods_image_score():
+    """The re-fused image metrics follow method.image_score (top_mean), checked against scikit-learn."""
+    from sklearn.metrics import roc_auc_score
+
+    maps, masks, labels = _views_with_known_best(n=10, size=32)
+    blurred = blur_views(maps, 1.0)
+    alpha = {"org": 0.5, "small": 0.5, "big": 0.0}
+    fused = 0.5 * blurred["org"] + 0.5 * blurred["small"]
+    k = round(0.05 * 32 * 32)
+    top_mean = np.sort(fused.reshape(10, -1), axis=1)[:, -k:].mean(1)
+    got = fused_metrics(blurred, masks, labels, alpha, image_rule=("top_mean", 0.05))
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), top_mean), abs=1e-9)
+    as_max = fused_metrics(blurred, masks, labels, alpha)
+    assert as_max["image_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), fused.reshape(10, -1).max(1)), abs=1e-9)
+    # the grid search's image objective agrees with fused_metrics at the same α
+    result = grid_search(blurred, masks, labels, "image_auroc", step=0.5, image_rule=("top_mean", 0.05))
+    best = fused_metrics(blurred, masks, labels, result.alpha, image_rule=("top_mean", 0.05))
+    assert result.value == pytest.approx(best["image_auroc"], abs=1e-9)

@@ -110,7 +110,7 @@ def test_mosaic_has_one_tile_per_superpixel_and_zeros_elsewhere(height, width):
     labels = slic_labels(smooth_image(height, width), 12)
     layout = mosaic_layout(labels)
     ones = np.ones((height, width, 3), np.float32)
-    mosaic = build_mosaic(ones, labels)
+    mosaic = build_mosaic(ones, labels, fill="zeros")
     assert mosaic.shape == ones.shape and mosaic.dtype == np.float32
 
     side = layout.tile_side
@@ -126,6 +126,60 @@ def test_mosaic_has_one_tile_per_superpixel_and_zeros_elsewhere(height, width):
         for tx in range(0, width - side + 1, side)
     ]
     assert sum(cell.any() for cell in grid_cells) == labels.max() + 1 == layout.count
+
+
+def _paper_layout_with_free_area():
+    """Labels whose tile grid leaves free slots and right/bottom strips (checked below)."""
+    labels = block_labels([0, 9, 30, 31, 50], [0, 5, 28, 44, 70])  # 16 superpixels, 50x70: side 12, 20 slots
+    layout = mosaic_layout(labels)
+    side, columns = layout.tile_side, layout.columns
+    rows = 50 // side
+    assert rows * columns > layout.count and (rows * side < 50 or columns * side < 70)
+    return labels, layout, rows
+
+
+@pytest.mark.parametrize("channels", [3, None])
+def test_reflect_fill_copies_tiles_into_free_slots_and_mirrors_the_strips(channels):
+    labels, layout, rows = _paper_layout_with_free_area()
+    image = smooth_image(50, 70, channels) // 2 + 64  # no black pixel of its own
+    zeros = build_mosaic(image, labels, fill="zeros")
+    mosaic = build_mosaic(image, labels, fill="reflect")
+    assert mosaic.shape == image.shape and mosaic.dtype == image.dtype
+    side, columns, n = layout.tile_side, layout.columns, layout.count
+    # the tiles themselves are the paper's, pixel for pixel
+    for ty, tx in layout.tiles:
+        np.testing.assert_array_equal(mosaic[ty : ty + side, tx : tx + side], zeros[ty : ty + side, tx : tx + side])
+    # free slot k holds tile (k - n) again
+    for slot in range(n, rows * columns):
+        ty, tx = (slot // columns) * side, (slot % columns) * side
+        sy, sx = layout.tiles[(slot - n) % n]
+        np.testing.assert_array_equal(mosaic[ty : ty + side, tx : tx + side], mosaic[sy : sy + side, sx : sx + side])
+    # strips mirror the grid: column grid_w + d is column grid_w - 1 - d (and likewise rows)
+    grid_h, grid_w = rows * side, columns * side
+    for d in range(70 - grid_w):
+        np.testing.assert_array_equal(mosaic[:grid_h, grid_w + d], mosaic[:grid_h, grid_w - 1 - d])
+    for d in range(50 - grid_h):
+        np.testing.assert_array_equal(mosaic[grid_h + d], mosaic[grid_h - 1 - d])
+    # nothing black is left where the paper's mosaic is black
+    free = build_mosaic(np.ones(image.shape, np.float32), labels, fill="zeros") == 0
+    assert free.any() and zeros[free].max() == 0 and mosaic[free].min() >= 64 - 8  # bicubic overshoot
+
+
+def test_fill_does_not_change_what_the_inverse_reads():
+    """Only pixels outside every tile differ, so the score map carried back is the same."""
+    labels, _, _ = _paper_layout_with_free_area()
+    image = smooth_image(50, 70).astype(np.float32)
+    back = {
+        fill: inverse_mosaic(to_chw(build_mosaic(image, labels, fill))[None], torch.from_numpy(labels)[None])
+        for fill in ("zeros", "reflect")
+    }
+    torch.testing.assert_close(back["zeros"], back["reflect"], rtol=0, atol=0)
+
+
+def test_mosaic_rejects_an_unknown_fill():
+    labels, _, _ = _paper_layout_with_free_area()
+    with pytest.raises(TexadError, match="mosaic_fill"):
+        build_mosaic(smooth_image(50, 70), labels, fill="mirror")
 
 
 def test_mosaic_keeps_dtype_and_grayscale_shape():

@@ -20,7 +20,7 @@ import torch
 from texad.errors import TexadError
 from texad.metrics import functional as mf
 from texad.metrics.pixel import pixel_metric_record
-from texad.ops import gaussian_blur2d
+from texad.ops import gaussian_blur2d, image_score
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class FusionObjective:
         labels: torch.Tensor | None,
         metric: str,
         stride: int = 1,
+        image_rule: tuple[str, float] = ("max", 0.01),
     ) -> None:
         if metric not in PIXEL_METRICS + IMAGE_METRICS:
             raise TexadError(f"fusion.metric must be one of {list(PIXEL_METRICS + IMAGE_METRICS)}, got {metric!r}")
@@ -79,11 +80,13 @@ class FusionObjective:
             if labels is None or len(torch.unique(labels)) < 2:
                 raise TexadError(f"fusion.metric={metric} needs normal and anomalous validation images")
             self.maps, self.labels = maps, labels.numpy() > 0
+            self.image_rule = image_rule
 
     def __call__(self, alpha: Sequence[float]) -> float:
         a = np.asarray(alpha, dtype=np.float32)
         if self.metric in IMAGE_METRICS:
-            scores = np.tensordot(a, self.maps, axes=1).reshape(self.maps.shape[1], -1).max(1)
+            fused = torch.from_numpy(np.tensordot(a, self.maps, axes=1))
+            scores = image_score(fused, *self.image_rule).numpy()
             return mf.roc_auc(scores, self.labels) if self.metric == "image_auroc" else mf.best_f1(scores, self.labels)[0]
         neg, pos = a @ self.negatives, a @ self.positives
         neg.sort()
@@ -126,18 +129,20 @@ def grid_search(
     step: float = 0.05,
     screen_stride: int = 1,
     refine_top: int = 5,
+    image_rule: tuple[str, float] = ("max", 0.01),
 ) -> FusionResult:
     """Best α on the simplex over the views of `blurred`, by `metric` (first grid point wins ties).
 
     `screen_stride` 1: every point exact. > 1: every point on the subsampled pixels, then the
-    `refine_top` best re-scored exactly; the reported value is always exact.
+    `refine_top` best re-scored exactly; the reported value is always exact. `image_rule` is the
+    method's image score (`texad.ops.image_score` rule and fraction), for the image metrics.
     """
     start = time.perf_counter()
     views = list(blurred)
     grid = simplex_grid(len(views), step)
-    exact = FusionObjective(blurred, masks, labels, metric)
+    exact = FusionObjective(blurred, masks, labels, metric, image_rule=image_rule)
     if screen_stride > 1 and len(grid) > refine_top:
-        screen = FusionObjective(blurred, masks, labels, metric, stride=screen_stride)
+        screen = FusionObjective(blurred, masks, labels, metric, stride=screen_stride, image_rule=image_rule)
         screened = np.array([_finite(screen(g)) for g in grid])
         candidates = np.sort(np.argsort(-screened, kind="stable")[:refine_top])
     else:
@@ -159,15 +164,21 @@ def _finite(value: float) -> float:
 
 
 def fused_metrics(
-    blurred: Mapping[str, np.ndarray], masks: torch.Tensor | None, labels: torch.Tensor, alpha: Mapping[str, float]
+    blurred: Mapping[str, np.ndarray],
+    masks: torch.Tensor | None,
+    labels: torch.Tensor,
+    alpha: Mapping[str, float],
+    image_rule: tuple[str, float] = ("max", 0.01),
 ) -> dict[str, float | None]:
-    """All pixel and image metrics of the fused map at α (the usual metrics.json keys)."""
+    """All pixel and image metrics of the fused map at α (the usual metrics.json keys); the image
+    score is the method's rule (`image_rule`: `texad.ops.image_score` rule and fraction)."""
     fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
     out: dict[str, float | None] = {}
     if masks is not None:
         out.update(pixel_metric_record(fused, masks.numpy()))
     if labels is not None and (labels >= 0).all():
-        out.update(mf.image_scores(fused.reshape(len(fused), -1).max(1), labels.numpy()))
+        scores = image_score(torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32)), *image_rule).numpy()
+        out.update(mf.image_scores(scores, labels.numpy()))
     return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in out.items()}
 
 
@@ -178,6 +189,7 @@ def refuse(
     step: float = 0.05,
     screen_stride: int = 1,
     refine_top: int = 5,
+    image_rule: tuple[str, float] = ("max", 0.01),
 ) -> tuple[FusionResult, dict[str, float | None], dict[str, float | None]]:
     """Best α on the validation maps; then (result, validation metrics, test metrics) at that α.
 
@@ -189,12 +201,12 @@ def refuse(
     val, test = outputs["val"], outputs["test"]
     views = [v for v in VIEWS if v in val["maps"]]
     val_blurred = blur_views({v: val["maps"][v] for v in views}, blur_sigma)
-    result = grid_search(val_blurred, val["masks"], val["labels"], metric, step, screen_stride, refine_top)
+    result = grid_search(val_blurred, val["masks"], val["labels"], metric, step, screen_stride, refine_top, image_rule)
     log.info("fusion: best α %s, val %s %.4f over %d points (%.1fs)", result.alpha, metric, result.value,
              result.n_points, result.seconds)
     test_blurred = blur_views(test["maps"], blur_sigma)
-    return result, fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha), fused_metrics(
-        test_blurred, test["masks"], test["labels"], result.alpha
+    return result, fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha, image_rule), fused_metrics(
+        test_blurred, test["masks"], test["labels"], result.alpha, image_rule
     )
 
 
@@ -265,6 +277,7 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
         step=float(fusion_cfg.get("step", 0.05)),
         screen_stride=int(fusion_cfg.get("screen_stride", 1)),
         refine_top=int(fusion_cfg.get("refine_top", 5)),
+        image_rule=(str(method.hparams.get("image_score", "max")), float(method.hparams.get("image_score_fraction", 0.01))),
     )
     record = result.as_record()
     record["trained_alpha"] = [float(a) for a in method.hparams.alpha]

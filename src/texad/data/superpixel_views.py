@@ -1,5 +1,8 @@
 """Sp-CFA's superpixel views, built per item inside the dataset (so in DataLoader workers).
 
+SLIC labels, mosaic and inverse live in `texad.data.superpixels` (data preparation: the data layer
+never imports from `methods/`).
+
 The builder is a plain class instance (not a closure) so DataLoader workers can pickle it. It runs
 SLIC on the image exactly as the model sees it (already resized to the model size, and with any
 synthetic validation defect already planted), so labels, mosaics and score maps share one
@@ -17,10 +20,14 @@ import torch
 
 from texad.data.images import to_tensor
 from texad.errors import TexadError
-from texad.data.superpixels import SuperpixelCache, build_mosaic, slic_labels
+from texad.data.superpixels import MOSAIC_FILLS, SuperpixelCache, build_mosaic, slic_labels
 
-#: SLIC settings when the config gives none (OpenCV's defaults, connectivity enforced)
-DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25}
+#: superpixel-view settings when the config gives none: OpenCV's SLIC defaults with connectivity
+#: enforced, and the mosaic's fill of its free area (`build_mosaic`; "zeros" is the paper's).
+#: The whole dict is part of the trained-view cache key (`method.slic` in conf/method/spcfa.yaml).
+DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25, "mosaic_fill": "reflect"}
+#: keys of DEFAULT_SLIC that shape the mosaic, not the SLIC labels (kept out of the label cache key)
+MOSAIC_KEYS = ("mosaic_fill",)
 
 
 class SuperpixelViews:
@@ -37,7 +44,16 @@ class SuperpixelViews:
             raise TexadError("SuperpixelViews needs at least one region size")
         self.region_sizes = [int(r) for r in region_sizes]
         self.cache_dir = None if cache_dir is None else str(cache_dir)
-        self.slic = {**DEFAULT_SLIC, **(slic or {})}
+        settings = {**DEFAULT_SLIC, **(slic or {})}
+        unknown = sorted(set(settings) - set(DEFAULT_SLIC))
+        if unknown:
+            raise TexadError(f"method.slic has unknown keys {unknown}; expected some of {sorted(DEFAULT_SLIC)}")
+        if settings["mosaic_fill"] not in MOSAIC_FILLS:
+            raise TexadError(
+                f"method.slic.mosaic_fill must be one of {list(MOSAIC_FILLS)}, got {settings['mosaic_fill']!r}"
+            )
+        self.slic = {k: v for k, v in settings.items() if k not in MOSAIC_KEYS}  # SLIC's own arguments
+        self.mosaic_fill = str(settings["mosaic_fill"])
         self._cache: SuperpixelCache | None = None  # opened lazily, once per worker process
 
     def __getstate__(self) -> dict[str, Any]:
@@ -57,8 +73,11 @@ class SuperpixelViews:
         for rs in self.region_sizes:
             lab = self.labels(image, path, rs)
             labels.append(torch.from_numpy(lab.astype(np.int64)))
-            mosaics.append(to_tensor(build_mosaic(image, lab), mean, std))
+            mosaics.append(to_tensor(build_mosaic(image, lab, self.mosaic_fill), mean, std))
         return {"superpixels": torch.stack(labels), "mosaics": torch.stack(mosaics)}
 
     def __repr__(self) -> str:
-        return f"SuperpixelViews(region_sizes={self.region_sizes}, slic={self.slic}, cache_dir={self.cache_dir!r})"
+        return (
+            f"SuperpixelViews(region_sizes={self.region_sizes}, slic={self.slic}, "
+            f"mosaic_fill={self.mosaic_fill!r}, cache_dir={self.cache_dir!r})"
+        )

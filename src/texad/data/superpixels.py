@@ -1,17 +1,34 @@
-"""Superpixel views for Sp-CFA: SLIC labels, the tile mosaic, and its inverse.
+"""Superpixel views for Sp-CFA: SLIC labels, the tile mosaic, and its inverse (data preparation).
+
+Follows Rafiei et al., IJCNN 2024, Sec. III-B/C (no official code is public); deviations: the
+``fill`` of the free mosaic area (below) and CIELAB input to SLIC for RGB images.
 
 The pre-processing unit of Sp-CFA cuts each image into SLIC superpixels, resizes the bounding
 rectangle of every superpixel (bicubic) to a square tile, and lays the tiles out row by row in an
-image of the original size; unused space stays zero. The post-processing unit undoes this on the
+image of the original size; what no tile covers is filled (below). The post-processing unit undoes this on the
 score map: each original pixel reads the tile of its own superpixel at the place the forward
 resize put it.
 
 Tiling rule (square and non-square images alike): tiles are square with side ``s``, the largest
 integer for which ``(H // s) * (W // s) >= n`` (n = number of superpixels). Tiles fill
 ``W // s`` columns per row, left to right, top to bottom; superpixel ``i`` takes slot ``i``.
-What the grid leaves free (the right and bottom strips, and the slots after the last tile) is zero.
 Since ``n <= H * W``, ``s >= 1`` always, so every superpixel gets a tile. The rule lives in
-:func:`tile_grid` and both the numpy mosaic and the torch inverse call it.
+:func:`tile_grid` and both the numpy mosaic and the torch inverse call it. SLIC numbers its
+superpixels in raster order of their seeds and ``W // s`` is close to SLIC's own number of
+columns, so the mosaic is roughly the image with every superpixel rescaled in place: tile 0 at
+the mosaic's top-left corner is the image's top-left superpixel.
+
+What the grid leaves free (the slots after the last tile, and the right and bottom strips) is
+``fill``:
+
+- ``"zeros"`` (the paper, Sec. III-B: "zero patches"): black. On the embedded 256² sets this is
+  3–30 % of the mosaic (OpenCV's connectivity step merges superpixels, so n falls below the
+  grid's slot count), a large black block with a hard edge whose position changes with n from
+  image to image.
+- ``"reflect"`` (texad's default): free slots hold copies of tiles 0, 1, 2, ... again, and the
+  strips mirror the tile grid (``cv2.BORDER_REFLECT``), so every part of the mosaic looks like
+  texture tiles. The inverse never reads these pixels, so the fill only changes what the
+  backbone, the memory bank and the training loss see next to (and instead of) a black block.
 
 SLIC and :func:`build_mosaic` use numpy and OpenCV only, so they run in DataLoader workers;
 :func:`inverse_mosaic` is batched torch on any device.
@@ -36,6 +53,7 @@ from texad.outputs import read_npz_array
 from texad.view_cache import digest
 
 __all__ = [
+    "MOSAIC_FILLS",
     "MosaicLayout",
     "SuperpixelCache",
     "build_mosaic",
@@ -198,17 +216,23 @@ def mosaic_layout(labels: np.ndarray) -> MosaicLayout:
 # --------------------------------------------------------------------------------------------
 
 
-def build_mosaic(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+MOSAIC_FILLS = ("reflect", "zeros")
+
+
+def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -> np.ndarray:
     """The superpixel view of ``image``: each superpixel's rectangle, bicubic-resized to its tile.
 
     ``image`` is (H,W) or (H,W,C), uint8 / float32 / float64; the mosaic has the same shape and
-    dtype, zero where no tile lies. Bicubic overshoot is clipped to 0..255 for uint8 by OpenCV.
+    dtype. What no tile covers is ``fill`` (module docstring): ``"zeros"`` as in the paper, or
+    ``"reflect"``. Bicubic overshoot is clipped to 0..255 for uint8 by OpenCV.
     """
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
         shape = getattr(image, "shape", None)
         raise TexadError(f"build_mosaic expects a (H,W) or (H,W,C) image, got shape {shape}")
     if image.dtype not in (np.uint8, np.float32, np.float64):
         raise TexadError(f"build_mosaic expects uint8 or float images, got dtype {image.dtype}")
+    if fill not in MOSAIC_FILLS:
+        raise TexadError(f"mosaic fill must be one of {list(MOSAIC_FILLS)} (method.slic.mosaic_fill), got {fill!r}")
     labels = _check_labels(labels)
     if labels.shape != image.shape[:2]:
         raise TexadError(
@@ -217,11 +241,26 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     layout = mosaic_layout(labels)
     side = layout.tile_side
     mosaic = np.zeros_like(image)
+    tiles = []
     for (y0, x0, h, w), (ty, tx) in zip(layout.rects.tolist(), layout.tiles.tolist()):
         rect = image[y0 : y0 + h, x0 : x0 + w]
         tile = cv2.resize(rect, (side, side), interpolation=cv2.INTER_CUBIC)
         target = mosaic[ty : ty + side, tx : tx + side]
         target[...] = tile.reshape(target.shape)  # cv2 drops a single channel axis
+        tiles.append(target)
+    if fill == "zeros":
+        return mosaic
+    rows, columns = layout.height // side, layout.columns
+    for slot in range(layout.count, rows * columns):  # free slots: tiles 0, 1, 2, ... again
+        ty, tx = (slot // columns) * side, (slot % columns) * side
+        mosaic[ty : ty + side, tx : tx + side] = tiles[(slot - layout.count) % layout.count]
+    grid_h, grid_w = rows * side, columns * side
+    if (grid_h, grid_w) != (layout.height, layout.width):  # strips: mirror the tile grid
+        grid = np.ascontiguousarray(mosaic[:grid_h, :grid_w])
+        full = cv2.copyMakeBorder(
+            grid, 0, layout.height - grid_h, 0, layout.width - grid_w, cv2.BORDER_REFLECT
+        )
+        mosaic[...] = full.reshape(mosaic.shape)
     return mosaic
 
 
