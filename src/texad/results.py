@@ -1,0 +1,531 @@
+"""The README's results table from one command: every method on the embedded texture sets, over seeds.
+
+    python -m texad.results [--sets textures/brick ...] [--seeds 0 1 2] [--methods cfa spcfa ...]
+                            [--size 256] [--n-train 40] [--epochs N] [--override KEY=VALUE ...]
+                            [--out outputs/results/<date-time>] [--table conf/results/default.yaml]
+
+What runs comes from an editable table, `conf/results/default.yaml` (`--table` for another): the sets,
+the seeds, and per method the train.py overrides, optionally an evaluate.py step on the trained
+checkpoint (Sp-CFA: `fusion.search=grid`, α re-fused on validation) whose metrics.json is then the
+run's result, and which table the method's row goes to (`main`, or `clustering` for defect-type
+clustering). A method without `conf/method/<name>.yaml` is skipped with a printed line.
+
+Each run is train.py in its own subprocess with `hydra.run.dir=<out>/runs/<method>/<set>/seed<k>`
+(its output in `results.log` there). A run whose final metrics.json exists is not run again, so a
+crashed or interrupted sweep goes on with the same `--out`; a run dir made with other overrides is an
+error rather than silently mixed in. `--override KEY=VALUE` goes to every train.py run,
+`--override METHOD:KEY=VALUE` to that method's only.
+
+Writes, atomically, into the output dir: `results.md` (also printed), `results.csv` (one row per
+method and set: mean and sample standard deviation, ddof 1, over the seeds of every metric; n seeds;
+wall time per run), `runs.csv` (one row per run) and `plan.json` (what was asked). Wall time per run
+is the `wall_time_s` the job recorded in metrics.json (train.py's plus the evaluate.py step's), i.e.
+without interpreter start-up.
+
+Selection: every setting is a method default or chosen on validation inside its run (epoch selection,
+α re-fusion); the table shows the validation metric each run selected on (its `optimized_metric`)
+beside the test metrics, lists rows in the table's method order, and never ranks them: nothing here
+reads a test metric to choose anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from texad.errors import TexadError
+from texad.outputs import atomic_write, write_json
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, evaluate.py, conf/
+DEFAULT_TABLE = ROOT / "conf" / "results" / "default.yaml"
+DEFAULT_SELECTION = "val/pixel_aupr"
+EVAL_DIR = "evaluate"
+LOG_NAME = "results.log"
+_PER_METHOD = re.compile(r"^([A-Za-z_]\w*):(.+=.*)$")
+
+
+@dataclass
+class MethodEntry:
+    """One row source of the table: a method, its overrides, an optional evaluate.py step."""
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    evaluate: list[str] = field(default_factory=list)
+    table: str = "main"
+
+
+@dataclass
+class Plan:
+    sets: list[str]
+    seeds: list[int]
+    methods: list[MethodEntry]
+    common: list[str]  # train.py overrides for every run
+    tables: dict[str, list[str]]
+    out: Path
+    size: int | None = None  # dataset.image_size (and generated_size of texture sets)
+    n_train: int | None = None  # dataset.n_train of texture sets
+    skipped: list[str] = field(default_factory=list)  # printed lines: methods left out and why
+
+
+@dataclass
+class RunResult:
+    method: str
+    set: str
+    seed: int
+    run_dir: Path
+    status: str  # ok | failed: ...
+    metrics: dict[str, float] = field(default_factory=dict)
+    selection: str = DEFAULT_SELECTION
+    wall_time_s: float | None = None
+    reused: bool = True  # its metrics.json was there before this command (a resumed sweep)
+
+
+# --------------------------------------------------------------------------------------- planning
+
+
+def load_table(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TexadError(f"results table {str(path)!r} does not exist (expected a YAML like conf/results/default.yaml)")
+    try:
+        table = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TexadError(f"results table {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(table.get("methods"), dict) or not table["methods"]:
+        raise TexadError(f"results table {str(path)!r} needs a 'methods' mapping (name: {{overrides: [...]}})")
+    return table
+
+
+def method_entries(table: dict[str, Any], wanted: Sequence[str] | None) -> tuple[list[MethodEntry], list[str]]:
+    """The table's methods (or `wanted`, in that order) that have a conf/method/<name>.yaml."""
+    methods = table["methods"]
+    names = list(wanted) if wanted else list(methods)
+    entries, skipped = [], []
+    for name in names:
+        spec = methods.get(name)
+        if spec is None and wanted:
+            spec = {}  # a method not in the table runs with its defaults
+        spec = spec or {}
+        if not (ROOT / "conf" / "method" / f"{name}.yaml").is_file():
+            skipped.append(f"skipped method {name}: conf/method/{name}.yaml does not exist")
+            continue
+        entries.append(MethodEntry(
+            name, [str(o) for o in spec.get("overrides") or []], [str(o) for o in spec.get("evaluate") or []],
+            str(spec.get("table", "main")),
+        ))
+    return entries, skipped
+
+
+def trains(method: str) -> bool:
+    """Whether `method.epochs` means anything for this method (its composed config has epochs > 0)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"method={method}", "paths.output_dir=."])
+    finally:
+        GlobalHydra.instance().clear()
+    epochs = cfg.method.get("epochs")
+    return isinstance(epochs, int) and epochs > 0
+
+
+def size_overrides(set_name: str, size: int | None, n_train: int | None) -> list[str]:
+    """--size sets the model input side (and, for generated texture sets, the generated side too)."""
+    out = []
+    generated = set_name.startswith("textures/")
+    if size is not None:
+        out += [f"dataset.generated_size={size}"] if generated else []
+        out += [f"dataset.image_size={size}"]
+    if n_train is not None:
+        if not generated:
+            raise TexadError(f"--n-train sets dataset.n_train of the generated texture sets; {set_name!r} is not one")
+        out += [f"dataset.n_train={n_train}"]
+    return out
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """'KEY=VALUE' for every method, 'METHOD:KEY=VALUE' for one."""
+    common: list[str] = []
+    per_method: dict[str, list[str]] = {}
+    for text in overrides:
+        match = _PER_METHOD.match(text)
+        if match:
+            per_method.setdefault(match.group(1), []).append(match.group(2))
+        elif "=" in text:
+            common.append(text)
+        else:
+            raise TexadError(f"--override {text!r}: expected KEY=VALUE or METHOD:KEY=VALUE")
+    return common, per_method
+
+
+def train_overrides(plan: Plan, entry: MethodEntry, set_name: str, seed: int) -> list[str]:
+    """Everything train.py gets for one run, in a fixed order (compared with .hydra/overrides.yaml to resume)."""
+    sizes = size_overrides(set_name, plan.size, plan.n_train)
+    return [f"method={entry.name}", f"dataset={set_name}", f"seed={seed}", *plan.common, *sizes, *entry.overrides]
+
+
+def run_dir_of(plan: Plan, method: str, set_name: str, seed: int) -> Path:
+    return plan.out / "runs" / method / set_name / f"seed{seed}"
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def _flatten(record: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key == "val" and isinstance(value, dict):
+            out.update({f"val/{k}": float(v) for k, v in value.items() if _is_number(v)})
+        elif _is_number(value) and key != "seed":
+            out[key] = float(value)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _recorded_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    return [str(x) for x in (yaml.safe_load(path.read_text()) or [])]
+
+
+def _selection_key(run_dir: Path) -> str:
+    try:
+        conf = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return DEFAULT_SELECTION
+    return str(conf.get("optimized_metric") or DEFAULT_SELECTION)
+
+
+def _subprocess(args: list[str], log_path: Path) -> tuple[int, str]:
+    """Run one entry point; its output goes to log_path. Returns (exit status, last stderr-ish line)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(args)}\n")
+        log.flush()
+        proc = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    return proc.returncode, (lines[-1] if lines else "")
+
+
+def _entry_point(name: str) -> str:
+    path = ROOT / name
+    if not path.is_file():
+        raise TexadError(f"python -m texad.results runs {name} of the repository, but {str(path)!r} does not exist")
+    return str(path)
+
+
+def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int) -> RunResult:
+    """Train (and evaluate) one run unless its metrics.json is already there; read its result."""
+    run_dir = run_dir_of(plan, entry.name, set_name, seed)
+    result = RunResult(entry.name, set_name, seed, run_dir, "ok")
+    overrides = train_overrides(plan, entry, set_name, seed)
+    recorded = _recorded_overrides(run_dir)
+    if recorded is not None and recorded != overrides:
+        raise TexadError(
+            f"{str(run_dir)!r} was made with other overrides ({recorded}, now {overrides}); "
+            f"give another --out or remove that run dir"
+        )
+    train_metrics = run_dir / "metrics.json"
+    log_path = run_dir / LOG_NAME
+    if not train_metrics.is_file():
+        result.reused = False
+        code, last = _subprocess(
+            [sys.executable, _entry_point("train.py"), *overrides, f"hydra.run.dir={run_dir}"], log_path
+        )
+        if code != 0 or not train_metrics.is_file():
+            result.status = f"failed (train.py exit {code}): {last}"
+            return result
+    final = train_metrics
+    if entry.evaluate:
+        final = run_dir / EVAL_DIR / "metrics.json"
+        if not final.is_file():
+            result.reused = False
+            ckpt = run_dir / "checkpoints" / "best.ckpt"  # the epoch selected on validation, when kept
+            ckpt = ckpt if ckpt.is_file() else run_dir / "checkpoints" / "last.ckpt"
+            code, last = _subprocess(
+                [sys.executable, _entry_point("evaluate.py"), f"ckpt_path={ckpt}", *entry.evaluate, "logger=none",
+                 f"hydra.run.dir={run_dir / EVAL_DIR}"], log_path,
+            )
+            if code != 0 or not final.is_file():
+                result.status = f"failed (evaluate.py exit {code}): {last}"
+                return result
+    record = _read_json(final)
+    result.metrics = _flatten(record)
+    result.selection = _selection_key(run_dir)
+    times = [_read_json(train_metrics).get("wall_time_s")]
+    if entry.evaluate:
+        times.append(record.get("wall_time_s"))
+    result.wall_time_s = sum(float(t) for t in times) if all(_is_number(t) for t in times) else None
+    return result
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+@dataclass
+class Row:
+    """One method on one set: its runs over the seeds."""
+
+    table: str
+    method: str
+    set: str
+    runs: list[RunResult]
+
+    @property
+    def ok(self) -> list[RunResult]:
+        return [r for r in self.runs if r.status == "ok"]
+
+    @property
+    def selection(self) -> str:
+        keys = [r.selection for r in self.ok]
+        return max(dict.fromkeys(keys), key=keys.count) if keys else DEFAULT_SELECTION
+
+    def values(self, key: str) -> list[float]:
+        if key == "wall_time_s":
+            return [r.wall_time_s for r in self.ok if r.wall_time_s is not None]
+        return [r.metrics[key] for r in self.ok if key in r.metrics]
+
+    def mean(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.fmean(values) if values else None
+
+    def std(self, key: str) -> float | None:
+        """Sample standard deviation (ddof 1); None for fewer than two seeds."""
+        values = self.values(key)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+
+def build_rows(plan: Plan, results: Sequence[RunResult]) -> list[Row]:
+    rows = []
+    for entry in plan.methods:
+        for set_name in plan.sets:
+            runs = [r for r in results if r.method == entry.name and r.set == set_name]
+            if runs:
+                rows.append(Row(entry.table, entry.name, set_name, runs))
+    return rows
+
+
+def table_columns(plan: Plan, rows: Sequence[Row], table: str) -> list[str]:
+    """The selection (validation) column first, then the table's metrics present in some run."""
+    mine = [r for r in rows if r.table == table]
+    selections = list(dict.fromkeys(r.selection for r in mine))
+    wanted = plan.tables.get(table) or []
+    present = [k for k in wanted if any(r.values(k) for r in mine)]
+    return selections + [k for k in present if k not in selections]
+
+
+def to_csv(plan: Plan, rows: Sequence[Row]) -> str:
+    metric_keys: list[str] = []
+    for table in dict.fromkeys(r.table for r in rows):
+        metric_keys += [k for k in table_columns(plan, rows, table) if k not in metric_keys]
+    metric_keys.append("wall_time_s")
+    columns = ["table", "method", "set", "n_seeds", "seeds", "failed", "selection_metric"]
+    for key in metric_keys:
+        columns += [f"{key}_mean", f"{key}_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out: dict[str, Any] = {
+            "table": row.table, "method": row.method, "set": row.set, "n_seeds": len(row.ok),
+            "seeds": " ".join(str(r.seed) for r in row.ok), "failed": len(row.runs) - len(row.ok),
+            "selection_metric": row.selection,
+        }
+        for key in metric_keys:
+            mean, std = row.mean(key), row.std(key)
+            out[f"{key}_mean"] = "" if mean is None else mean
+            out[f"{key}_std"] = "" if std is None else std
+        writer.writerow(out)
+    return buf.getvalue()
+
+
+def runs_to_csv(results: Sequence[RunResult]) -> str:
+    keys: list[str] = []
+    for r in results:
+        keys += [k for k in r.metrics if k not in keys]
+    columns = ["method", "set", "seed", "status", "wall_time_s", "run_dir", *keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerow({
+            "method": r.method, "set": r.set, "seed": r.seed, "status": r.status, "run_dir": str(r.run_dir),
+            "wall_time_s": "" if r.wall_time_s is None else r.wall_time_s, **r.metrics,
+        })
+    return buf.getvalue()
+
+
+def _fmt(value: float, key: str) -> str:
+    if key in ("wall_time_s", "selected_epoch"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _cell(row: Row, key: str) -> str:
+    mean, std = row.mean(key), row.std(key)
+    if mean is None:
+        return "–"
+    return _fmt(mean, key) if std is None else f"{_fmt(mean, key)} ± {_fmt(std, key)}"
+
+
+def _markdown_table(plan: Plan, rows: Sequence[Row], columns: Sequence[str], with_set: bool) -> list[str]:
+    head = ["method", *(["set"] if with_set else []), "n", *columns, "wall time / run (s)"]
+    labels = [f"{c} (selection)" if c.startswith("val/") else c for c in head]
+    lines = ["| " + " | ".join(labels) + " |", "|" + "|".join("---" if h in ("method", "set") else "---:" for h in head) + "|"]
+    for row in rows:
+        cells = [row.method, *([row.set] if with_set else []), str(len(row.ok))]
+        cells += [_cell(row, c) for c in columns] + [_cell(row, "wall_time_s")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def to_markdown(plan: Plan, rows: Sequence[Row], results: Sequence[RunResult], command: str) -> str:
+    lines = [
+        "# texad results",
+        "",
+        f"`{command}`: sets {', '.join(plan.sets)}; seeds {' '.join(map(str, plan.seeds))}; "
+        f"common overrides `{' '.join(plan.common) or '-'}`.",
+        "",
+        "Cells: mean ± sample standard deviation (ddof 1) over the n seeds that finished. Test metrics, except "
+        "the `val/…` (selection) column: the validation metric each run selected its settings on (epochs, "
+        "Sp-CFA's α). Rows follow the table's method order; they are not ranked, and no test metric chose anything.",
+        "",
+    ]
+    main = [r for r in rows if r.table == "main"]
+    for set_name in plan.sets:
+        mine = [r for r in main if r.set == set_name]
+        if mine:
+            lines += [f"## {set_name}", ""] + _markdown_table(plan, mine, table_columns(plan, rows, "main"), False) + [""]
+    for table in dict.fromkeys(r.table for r in rows if r.table != "main"):
+        mine = [r for r in rows if r.table == table]
+        lines += [f"## {table}", ""] + _markdown_table(plan, mine, table_columns(plan, rows, table), True) + [""]
+    failed = [r for r in results if r.status != "ok"]
+    notes = list(plan.skipped) + [f"{r.method} {r.set} seed {r.seed}: {r.status} ({r.run_dir / LOG_NAME})" for r in failed]
+    if notes:
+        lines += ["## Not in the table", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- cli
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    table = load_table(args.table)
+    entries, skipped = method_entries(table, args.methods)
+    if not entries:
+        raise TexadError("no method to run: " + "; ".join(skipped or ["the table lists none"]))
+    common, per_method = split_overrides(args.override or [])
+    unknown = sorted(set(per_method) - {e.name for e in entries})
+    if unknown:
+        raise TexadError(f"--override for method(s) {unknown} that are not run; running {[e.name for e in entries]}")
+    sets = list(args.sets or table.get("sets") or [])
+    seeds = [int(s) for s in (args.seeds if args.seeds is not None else table.get("seeds") or [0])]
+    if not sets or not seeds:
+        raise TexadError("python -m texad.results needs at least one set and one seed")
+    for entry in entries:
+        entry.overrides += per_method.get(entry.name, [])
+        if args.epochs is not None and trains(entry.name):
+            entry.overrides.append(f"method.epochs={args.epochs}")
+    out = Path(args.out) if args.out else Path("outputs") / "results" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Plan(sets, seeds, entries, [str(o) for o in table.get("overrides") or []] + common,
+                {k: list(v) for k, v in (table.get("tables") or {}).items()}, out.absolute(), args.size, args.n_train,
+                skipped)
+
+
+def run_plan(plan: Plan, log=print) -> list[RunResult]:
+    results: list[RunResult] = []
+    jobs = [(e, s, k) for e in plan.methods for s in plan.sets for k in plan.seeds]
+    for i, (entry, set_name, seed) in enumerate(jobs, 1):
+        started = time.time()
+        result = run_one(plan, entry, set_name, seed)
+        took = time.time() - started
+        sel = result.metrics.get(result.selection)
+        what = "ok" if result.status == "ok" else result.status
+        when = "metrics.json from before" if result.reused and result.status == "ok" else f"{took:.0f} s"
+        detail = f", {result.selection} {sel:.4f}" if sel is not None else ""
+        log(f"[{i}/{len(jobs)}] {entry.name} {set_name} seed {seed}: {what} ({when}{detail})")
+        results.append(result)
+    return results
+
+
+def write_outputs(plan: Plan, results: Sequence[RunResult], command: str) -> tuple[Path, Path, str]:
+    rows = build_rows(plan, results)
+    md = to_markdown(plan, rows, results, command)
+    csv_text, runs_text = to_csv(plan, rows), runs_to_csv(results)
+    md_path = atomic_write(plan.out / "results.md", lambda tmp: tmp.write_text(md))
+    csv_path = atomic_write(plan.out / "results.csv", lambda tmp: tmp.write_text(csv_text))
+    atomic_write(plan.out / "runs.csv", lambda tmp: tmp.write_text(runs_text))
+    return md_path, csv_path, md
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m texad.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=None, help="data sets (default: the table's, textures/{brick,grass,gravel})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the table's, 0 1 2)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods (default: every method of the table)")
+    parser.add_argument("--size", type=int, default=None, help="image side (dataset.image_size; generated side too)")
+    parser.add_argument("--n-train", type=int, default=None, help="dataset.n_train of the generated texture sets")
+    parser.add_argument("--epochs", type=int, default=None, help="method.epochs of the methods that train")
+    parser.add_argument("--override", action="append", default=None,
+                        help="KEY=VALUE for every train.py run, METHOD:KEY=VALUE for one method (repeatable)")
+    parser.add_argument("--out", default=None, help="output dir (default outputs/results/<date-time>); reuse it to resume")
+    parser.add_argument("--table", default=str(DEFAULT_TABLE), help="the methods table (YAML)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python -m texad.results", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+    try:
+        plan = make_plan(args)
+        for line in plan.skipped:
+            print(f"texad.results: {line}")
+        plan.out.mkdir(parents=True, exist_ok=True)
+        write_json(plan.out / "plan.json", {
+            "command": command, "sets": plan.sets, "seeds": plan.seeds, "common_overrides": plan.common,
+            "size": args.size, "n_train": args.n_train, "epochs": args.epochs,
+            "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
+        })
+        print(f"texad.results: {len(plan.methods) * len(plan.sets) * len(plan.seeds)} runs into {plan.out}")
+        results = run_plan(plan)
+        md_path, csv_path, md = write_outputs(plan, results, command)
+    except TexadError as err:
+        print(f"texad.results: error: {err}", file=sys.stderr)
+        return 1
+    print(md)
+    print(f"wrote {md_path}, {csv_path} and {plan.out / 'runs.csv'}")
+    failed = sum(r.status != "ok" for r in results)
+    if failed:
+        print(f"texad.results: {failed} run(s) failed; run the same command with --out {plan.out} to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

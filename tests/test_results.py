@@ -1,0 +1,143 @@
+"""python -m texad.results: real runs end to end at a tiny size, resumable, table numbers equal to the runs'
+metrics.json (mean and std recomputed here with numpy), rows never ranked by a test metric (issue 11, point 7)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT
+
+from texad import results
+
+TINY_ARGS = [
+    "--sets", "textures/brick", "--seeds", "0", "--size", "64", "--n-train", "6", "--epochs", "1",
+    "--override", "dataset.n_test_good=2", "--override", "dataset.n_per_type=2",
+]
+
+
+def run_results(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "texad.results", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((out / "results.csv").open()))
+
+
+def assert_row_equals_runs(row: dict[str, str], records: list[dict], walls: list[float]) -> None:
+    """Every *_mean / *_std of the row equals numpy's mean / sample std (ddof 1) of the runs' metrics.json."""
+    checked = 0
+    for column, cell in row.items():
+        if not column.endswith("_mean") or column == "wall_time_s_mean":
+            continue
+        key = column[: -len("_mean")]
+        values = [r["val"].get(key[4:]) if key.startswith("val/") else r.get(key) for r in records]
+        values = [v for v in values if v is not None]
+        if not values:
+            assert cell == "" and row[f"{key}_std"] == ""
+            continue
+        assert float(cell) == pytest.approx(float(np.mean(values)), abs=1e-12), key
+        std = row[f"{key}_std"]
+        if len(values) > 1:
+            assert float(std) == pytest.approx(float(np.std(values, ddof=1)), abs=1e-12), key
+        else:
+            assert std == ""  # undefined for one seed
+        checked += 1
+    assert checked >= 6
+    assert float(row["wall_time_s_mean"]) == pytest.approx(float(np.mean(walls)), abs=1e-9)
+
+
+def test_results_end_to_end_tiny(tmp_path):
+    out = tmp_path / "results"
+    proc = run_results(*TINY_ARGS, "--methods", "cfa", "spcfa", "no_such_method", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipped method no_such_method: conf/method/no_such_method.yaml does not exist" in proc.stdout
+    assert "| val/pixel_aupr (selection) |" in proc.stdout and "## textures/brick" in proc.stdout
+    rows = read_rows(out)
+    assert [(r["method"], r["set"], r["n_seeds"], r["seeds"]) for r in rows] == [
+        ("cfa", "textures/brick", "1", "0"), ("spcfa", "textures/brick", "1", "0")]  # table order, not ranked
+    assert all(r["selection_metric"] == "val/pixel_aupr" for r in rows)
+    runs = out / "runs"
+    cfa_dir, spcfa_dir = runs / "cfa/textures/brick/seed0", runs / "spcfa/textures/brick/seed0"
+    cfa = json.loads((cfa_dir / "metrics.json").read_text())
+    spcfa_train = json.loads((spcfa_dir / "metrics.json").read_text())
+    spcfa = json.loads((spcfa_dir / "evaluate/metrics.json").read_text())  # α re-fused on validation
+    assert spcfa["fusion"]["metric"] == "pixel_aupr" and "alpha" in spcfa["fusion"]
+    assert_row_equals_runs(rows[0], [cfa], [cfa["wall_time_s"]])
+    assert_row_equals_runs(rows[1], [spcfa], [spcfa_train["wall_time_s"] + spcfa["wall_time_s"]])
+    overrides = yaml.safe_load((cfa_dir / ".hydra/overrides.yaml").read_text())
+    assert {"dataset.image_size=64", "dataset.generated_size=64", "dataset.n_train=6", "method.epochs=1"} <= set(overrides)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["seeds"] == [0] and [m["name"] for m in plan["methods"]] == ["cfa", "spcfa"]
+
+    # resume: every run has its metrics.json, so nothing runs again and the table is the same
+    before = (out / "results.csv").read_text()
+    again = run_results(*TINY_ARGS, "--methods", "cfa", "spcfa", "--out", str(out), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(metrics.json from before") == 2
+    assert (out / "results.csv").read_text() == before
+
+    # a run dir made with other settings is never mixed in
+    other = run_results(*TINY_ARGS[:-4], "--methods", "cfa", "--size", "32", "--out", str(out), timeout=300)
+    assert other.returncode == 1 and "was made with other overrides" in other.stderr
+
+
+def fake_run(plan: results.Plan, entry: results.MethodEntry, set_name: str, seed: int, record: dict,
+             optimized_metric: str) -> None:
+    """A finished run dir exactly as train.py leaves it for this plan (so the command reuses it)."""
+    run_dir = results.run_dir_of(plan, entry.name, set_name, seed)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/overrides.yaml").write_text(yaml.safe_dump(results.train_overrides(plan, entry, set_name, seed)))
+    (run_dir / ".hydra/config.yaml").write_text(yaml.safe_dump({"optimized_metric": optimized_metric, "seed": seed}))
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+
+
+def test_mean_and_std_over_seeds_and_rows_in_table_order(tmp_path):
+    args = ["--sets", "textures/brick", "textures/grass", "--seeds", "0", "1", "2", "--methods", "cfa", "fca",
+            "--out", str(tmp_path)]
+    plan = results.make_plan(results.parse_args(args))
+    rng = np.random.default_rng(0)
+    records: dict[tuple[str, str], list[dict]] = {}
+    for entry in plan.methods:
+        for set_name in plan.sets:
+            for seed in plan.seeds:
+                # fca's test numbers are all higher than cfa's: the rows must still follow the table order
+                base = 0.5 if entry.name == "fca" else 0.0
+                record = {k: base + 0.5 * float(rng.random()) for k in ("pixel_auroc", "pixel_aupro", "pixel_aupr",
+                                                                         "pixel_f1", "image_auroc", "image_f1")}
+                record.update(val={"pixel_aupr": float(rng.random()), "pixel_auroc": float(rng.random())},
+                              seed=seed, wall_time_s=float(rng.uniform(1, 9)), image_f1_at_val=None)
+                fake_run(plan, entry, set_name, seed, record, "val/pixel_auroc")
+                records.setdefault((entry.name, set_name), []).append(record)
+    assert results.main(args) == 0
+    rows = read_rows(tmp_path)
+    assert [(r["method"], r["set"]) for r in rows] == [
+        ("cfa", "textures/brick"), ("cfa", "textures/grass"), ("fca", "textures/brick"), ("fca", "textures/grass")]
+    for row in rows:
+        recs = records[(row["method"], row["set"])]
+        assert row["n_seeds"] == "3" and row["selection_metric"] == "val/pixel_auroc"
+        assert_row_equals_runs(row, recs, [r["wall_time_s"] for r in recs])
+    md = (tmp_path / "results.md").read_text()
+    assert "| val/pixel_auroc (selection) |" in md and "image_f1_at_val" not in md  # absent everywhere: no column
+    first = records[("cfa", "textures/brick")]
+    mean, std = np.mean([r["pixel_aupr"] for r in first]), np.std([r["pixel_aupr"] for r in first], ddof=1)
+    assert f"{mean:.3f} ± {std:.3f}" in md
+
+
+def test_overrides_per_method_and_errors(tmp_path):
+    common, per = results.split_overrides(["a.b=1", "cfa:method.k=5", "dataset.root=/x:y"])
+    assert common == ["a.b=1", "dataset.root=/x:y"] and per == {"cfa": ["method.k=5"]}
+    with pytest.raises(results.TexadError, match="METHOD:KEY=VALUE"):
+        results.split_overrides(["nonsense"])
+    with pytest.raises(results.TexadError, match="not run"):
+        results.make_plan(results.parse_args(["--methods", "cfa", "--override", "fca:method.x=1", "--out", str(tmp_path)]))
+    with pytest.raises(results.TexadError, match="texture sets"):
+        results.size_overrides("mvtec/wood", None, 10)
+    assert results.size_overrides("mvtec/wood", 128, None) == ["dataset.image_size=128"]
