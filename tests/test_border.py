@@ -38,3 +38,42 @@ def test_ring_ratio_rejects_bad_shapes():
         ring_ratio(torch.zeros(8, 8))
     with pytest.raises(TexadError, match="does not fit"):
         ring_ratio(torch.zeros(1, 8, 8), ring=4)
+
+
+def test_padded_features_crop_back_exactly_to_the_unpadded_cells():
+    import torch.nn.functional as F
+
+    from texad.backbones import padded_features
+
+    def extract(x):  # two "layers" without padding of their own: every cell sees only its own pixels
+        return [F.avg_pool2d(x, 4), F.avg_pool2d(x, 8)]
+
+    images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    plain = extract(images)
+    for mode in ("reflect", "replicate", "zeros"):
+        padded = padded_features(extract, images, 16, mode)
+        for a, b in zip(plain, padded):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(plain, padded_features(extract, images, 0)))
+    with pytest.raises(TexadError, match="multiple of every feature stride"):
+        padded_features(extract, images, 12)
+    with pytest.raises(TexadError, match="input_padding_mode"):
+        padded_features(extract, images, 16, "wrap")
+
+
+def test_input_padding_removes_a_zero_padding_border_artifact():
+    """A 3×3 zero-padded conv makes border cells of a flat image unlike the interior; padding fixes it."""
+    import torch.nn.functional as F
+
+    from texad.backbones import padded_features
+
+    weight = torch.ones(1, 3, 3, 3) / 27
+
+    def extract(x):
+        return [F.conv2d(x, weight, padding=1)]
+
+    flat = torch.ones(1, 3, 32, 32)
+    plain = extract(flat)[0][0, 0]
+    assert plain[0, 0] < plain[16, 16]  # the corner sees zeros
+    fixed = padded_features(extract, flat, 4, "reflect")[0][0, 0]
+    assert torch.allclose(fixed, torch.ones_like(fixed))
