@@ -178,7 +178,14 @@ class TestOutputWriter(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.rows:
             return
-        write_csv(self.output_dir / "scores.csv", self.rows, ["path", "defect_type", "label", "pred_score", "map"])
+        columns = ["path", "defect_type", "label", "pred_score", "map"]
+        per_image = (getattr(pl_module, "per_image_results", {}) or {}).get("test", {}) or {}
+        for key, values in per_image.items():  # e.g. pixel_aupimo (blank for normal images)
+            if len(values) == len(self.rows):
+                columns.append(key)
+                for row, v in zip(self.rows, values):
+                    row[key] = "" if v != v else float(v)
+        write_csv(self.output_dir / "scores.csv", self.rows, columns)
         val = (getattr(pl_module, "results", {}) or {}).get("val", {}) or {}
         threshold = val.get("pixel_f1_threshold")
         curves = self._write_curves(threshold)
