@@ -18,13 +18,16 @@ from texad.methods.clustering.torch_model import (
     mine_pairs,
     normalise_maps,
     split_pixels,
+    threshold_weights,
 )
 from texad.pipeline import train
 
 torch.set_num_threads(1)
 
 # 64² gravel, 2 images per defect type: 10 anomalous test images of 5 types, 2 normal ones.
-CLUSTERING = [*TINY, "method=clustering", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
+CLUSTERING = [*TINY, "method=clustering", "eval_callbacks.test_outputs.max_overlays_per_type=0",
+              "method.n_clusters=oracle", "method.fca.feature_input_size=128",
+              "method.blind_vae.feature_input_size=128", "method.blind_vae.epochs=2", "method.cfa.epochs=1"]
 N_ANOMALOUS, N_GOOD, N_TYPES = 10, 2, 5
 
 
@@ -50,12 +53,19 @@ def test_gt_maps_run_end_to_end_and_write_one_row_per_clustered_image(gt_run):
     for key in ("nmi", "ari", "cluster_f1", "raw_nmi", "raw_ari", "raw_cluster_f1"):
         assert record[key] is not None and np.isfinite(record[key]), key
     assert json.loads((out / "metrics.json").read_text())["nmi"] == pytest.approx(record["nmi"])
-    assert record["n_clustered"] == N_ANOMALOUS and record["n_clusters"] == N_TYPES
+    assert record["n_clustered"] == N_ANOMALOUS and record["n_clusters"] == N_TYPES == record["n_types"]
+    # the estimated number and the scores at both numbers are recorded too
+    assert 2 <= record["k_estimated"] <= N_ANOMALOUS - 1 and 2 <= record["raw_k_estimated"] <= N_ANOMALOUS - 1
+    assert set(record["k_estimates"]) == {"gap", "silhouette", "eigengap"}
+    assert record["true_k_nmi"] == pytest.approx(record["nmi"])
+    for key in ("est_k_nmi", "est_k_ari", "est_k_cluster_f1", "est_k_raw_nmi", "true_k_raw_cluster_f1"):
+        assert np.isfinite(record[key]), key
     rows = read_rows(out / "clusters.csv")
     assert len(rows) == N_ANOMALOUS
     assert {r["defect_type"] for r in rows} == {"scratch", "crack", "stain", "hole", "foreign"}
     assert {int(r["cluster"]) for r in rows} == set(range(N_TYPES))
-    assert (out / "clusters.png").stat().st_size > 10_000
+    for picture in ("clusters.png", "cluster_grid.png", "dendrogram.png"):
+        assert (out / picture).stat().st_size > 10_000, picture
     # gt maps are the masks: the pixel metrics of the method's maps are perfect
     assert record["pixel_auroc"] == pytest.approx(1.0)
 
@@ -71,6 +81,20 @@ def test_stored_maps_give_the_same_clustering_as_the_maps_they_store(gt_run, tmp
     assert again["maps_source"] == "dir"
     for key in ("nmi", "ari", "cluster_f1", "raw_nmi"):
         assert again[key] == pytest.approx(record[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("source", ["blind_vae", "cfa"])
+def test_maps_from_a_fitted_localizer_in_the_same_run(tmp_path, source):
+    """blind VAE (trained on the clustered images) and CFA (on the normal ones) are fitted in the run,
+    their maps are the method's maps, and the estimated k is used when n_clusters is null."""
+    record = run(tmp_path, source, f"method.maps_from={source}", "method.n_clusters=null", "method.epochs=1",
+                 f"method.{source}.epochs=1")
+    assert record["maps_source"] == source and record["localizer_epochs"] == 1
+    assert np.isfinite(record["localizer_loss_last_epoch"]) and np.isfinite(record["pixel_auroc"])
+    assert record["n_clusters"] == record["k_estimated"] and record["raw_n_clusters"] == record["raw_k_estimated"]
+    assert record["nmi"] == pytest.approx(record["est_k_nmi"]) and record["n_types"] == N_TYPES
+    rows = read_rows(tmp_path / source / "clusters.csv")
+    assert len({r["cluster"] for r in rows}) == record["k_estimated"]
 
 
 def test_fca_maps_with_normal_images_included(tmp_path):
@@ -135,3 +159,36 @@ def test_pixel_split_and_loss():
     loss, parts = contrastive_loss(same, same, same, -same, -same, margin=0.5)
     assert parts["attract_anomalous"] == pytest.approx(0.0) and parts["repel_normal"] == pytest.approx(0.0)
     assert parts["attract_normal"] == pytest.approx(4.0)
+
+
+def test_mutual_positives_keep_only_reciprocal_neighbours():
+    # 0,1,2 form a tight group; 3 is far: its nearest (2) does not have 3 among its 2 nearest
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    positives, _ = mine_pairs(x, k=2, negative_quantile=0.5, mutual=True)
+    assert set(positives[0].tolist()) == {1, 2} and set(positives[1].tolist()) == {0, 2}
+    assert positives[3].tolist() == [2]  # no mutual neighbour: falls back to the nearest one
+    plain, _ = mine_pairs(x, k=2, negative_quantile=0.5)
+    assert set(plain[3].tolist()) == {1, 2}
+
+
+def test_threshold_pooling_is_uniform_over_the_anomalous_pixels():
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 0, :2] = 1.0
+    weights = threshold_weights(maps, 0.5)
+    assert weights[0, 0, :2] == pytest.approx(torch.full((2,), 0.5)) and weights.sum() == pytest.approx(1.0)
+
+
+def test_cfa_maps_checkpoint_evaluates_to_the_same_clustering(tmp_path):
+    """The fitted localiser (CFA's memory bank and descriptor) and the head live in the checkpoint
+    (without frozen backbone weights), so evaluate.py reproduces the run."""
+    from conftest import compose_cfg as compose
+    from texad.pipeline import evaluate
+
+    record = run(tmp_path, "cfa", "method.maps_from=cfa", "method.epochs=1", "method.center=normal")
+    ckpt = tmp_path / "cfa" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert any(k.startswith("model.localizer.model.heads.org.bank") for k in state)
+    assert not any(".backbone." in f".{k}" for k in state)
+    again = evaluate(compose("evaluate", [f"ckpt_path={ckpt}", "logger=none"], tmp_path / "eval"))
+    for key in ("nmi", "raw_nmi", "pixel_auroc", "est_k_nmi"):
+        assert again[key] == pytest.approx(record[key], abs=1e-6), key

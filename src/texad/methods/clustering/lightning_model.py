@@ -2,18 +2,27 @@
 
 The whole job runs inside the ordinary train/test flow:
 
-* ``prepare_fit`` takes the *anomalous test images* (the clustered set; ``include_good`` adds the
-  normal ones as one more class), computes their backbone features and anomaly maps (FCA, the
-  ground-truth masks, or maps stored by an earlier run), builds the map-weighted descriptors, mines
-  positive / negative images, and hands the trainer a loader of anchor images.
+* ``prepare_fit`` fits the localiser when the maps come from one (``map_sources``: the blind VAE on
+  the clustered set, CFA on the normal training images; FCA needs no fit), takes the *anomalous test
+  images* (the clustered set; ``include_good`` adds the normal ones as one more class), computes
+  their backbone features and anomaly maps (FCA, blind VAE, CFA, the ground-truth masks, or maps
+  stored by an earlier run), builds the map-weighted descriptors, mines positive / negative images,
+  and hands the trainer a loader of anchor images.
 * the fit trains the head with the pixel-pair contrastive loss (``torch_model.contrastive_loss``).
 * the test step reports the maps as this method's anomaly maps (pixel / image metrics as usual);
-  ``on_test_epoch_end`` clusters the descriptors without and with the head (Ward), adds
-  ``nmi, ari, cluster_f1`` (with the head) and ``raw_nmi, raw_ari, raw_cluster_f1`` (without) to
-  the test results, and writes ``clusters.csv`` and ``clusters.png`` to the run dir.
+  ``on_test_epoch_end`` clusters the descriptors without and with the head (Ward) into the number
+  of clusters in use (``n_clusters``: a number, ``oracle`` = the number of defect types, or null =
+  estimated by ``k_criterion``, see ``number.py``), adds ``nmi, ari, cluster_f1`` (with the head)
+  and ``raw_nmi, raw_ari, raw_cluster_f1`` (without) to the test results, and the same with the
+  true and with the estimated number under ``true_k_*`` / ``est_k_*``; writes ``clusters.csv``,
+  ``clusters.png``, ``cluster_grid.png`` and ``dendrogram.png`` (``figures.py``) to the run dir.
 
 Which images are clustered uses the test labels (the paper's evaluation setting: clustering
-anomalous images into defect types), never the defect types.
+anomalous images into defect types), never the defect types (these only score the result, and
+``n_clusters=oracle`` reads their number).
+
+Hooks take what they need from the datamodule (its splits, loaders, batch size, mean/std), never
+from the global config.
 """
 
 from __future__ import annotations
@@ -32,15 +41,20 @@ from texad.data.batch import Batch, collate
 from texad.data.datamodule import EpochSeededShuffle
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
+from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, build_localizer, fit_localizer
+from texad.methods.clustering.number import K_CRITERIA, criterion_scores, cut_tree, ward_linkage
 from texad.methods.clustering.torch_model import (
+    CENTERS,
+    POOLINGS,
     ClusteringModel,
+    anchor_loss,
     attention_weights,
-    contrastive_loss,
+    clear_border,
     mine_pairs,
     normalise_maps,
+    pair_training_data,
     smooth_and_center,
-    split_pixels,
-    ward_clusters,
+    threshold_weights,
     weighted_descriptors,
 )
 from texad.metrics.clustering import ClusteringMetrics
@@ -49,7 +63,7 @@ from texad.writers import sample_name
 
 log = logging.getLogger(__name__)
 
-MAP_SOURCES = ("fca", "gt")
+THUMB = 96  # side of the thumbnails kept per clustered image for the cluster grid
 
 
 def stored_map_path(maps_dir: Path, path: str, defect_type: str) -> Path:
@@ -101,12 +115,24 @@ class AnomalyClustering(AnomalyModule):
         name: str = "clustering",
         maps_from: str = "fca",
         maps_dir: str | None = None,
-        n_clusters: int | None = None,
+        n_clusters: int | str | None = None,
+        k_criterion: str = "silhouette",
+        k_min: int = 2,
+        k_max: int = 10,
         include_good: bool = False,
         temperature: float = 0.02,
+        attention_border: float = 0.08,
+        pooling: str = "softmax",
+        center: str = "image",
+        standardize: bool = False,
+        normalize_descriptors: bool = False,
+        descriptor_layers: tuple[int, ...] | None = None,
+        feature_pool: int = 1,
+        normal_pixels: int = 4096,
         feature_blur_kernel: int = 7,
         feature_blur_sigma: float = 2.0,
         k: int = 3,
+        mutual: bool = False,
         negative_quantile: float = 0.5,
         n_negatives: int = 5,
         anomalous_level: float = 0.5,
@@ -119,8 +145,10 @@ class AnomalyClustering(AnomalyModule):
         anchors_per_step: int = 1,
         lr: float = 5e-4,
         weight_decay: float = 0.01,
-        fca: dict | None = None,
-        fca_layers: tuple[int, ...] = (0,),
+        fca: Any = None,
+        blind_vae: Any = None,
+        cfa: Any = None,
+        thumbnails_per_cluster: int = 6,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,37 +156,62 @@ class AnomalyClustering(AnomalyModule):
             raise TexadError(f"method.maps_from must be one of {list(MAP_SOURCES)} (or set method.maps_dir), got {maps_from!r}")
         for key, value, least in (("k", k, 1), ("n_negatives", n_negatives, 1), ("anchor_pixels", anchor_pixels, 1),
                                   ("pair_pixels", pair_pixels, 1), ("anchors_per_step", anchors_per_step, 1),
-                                  ("epochs", epochs, 0)):
+                                  ("epochs", epochs, 0), ("k_min", k_min, 2), ("normal_pixels", normal_pixels, 1)):
             if int(value) < least:
                 raise TexadError(f"method.{key} must be at least {least}, got {value}")
-        if n_clusters is not None and int(n_clusters) < 1:
-            raise TexadError(f"method.n_clusters must be at least 1 (or null: the number of defect types), got {n_clusters}")
+        if int(k_max) < int(k_min):
+            raise TexadError(f"method.k_max={k_max} must be at least method.k_min={k_min}")
+        if isinstance(n_clusters, str) and n_clusters != "oracle":
+            raise TexadError(f"method.n_clusters must be a number, 'oracle' (the number of defect types) or null "
+                             f"(estimated by method.k_criterion), got {n_clusters!r}")
+        if n_clusters is not None and not isinstance(n_clusters, str) and int(n_clusters) < 1:
+            raise TexadError(f"method.n_clusters must be at least 1 (or null: estimated; 'oracle': the number of "
+                             f"defect types), got {n_clusters}")
+        if k_criterion not in K_CRITERIA:
+            raise TexadError(f"method.k_criterion must be one of {list(K_CRITERIA)}, got {k_criterion!r}")
+        if pooling not in POOLINGS:
+            raise TexadError(f"method.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if center not in CENTERS:
+            raise TexadError(f"method.center must be one of {list(CENTERS)}, got {center!r}")
         if margin <= 0:
             raise TexadError(f"method.margin must be positive, got {margin}")
-        self.save_hyperparameters(ignore=["backbone"])
-        self.model = ClusteringModel(backbone, hidden_channels, out_channels, fca, tuple(fca_layers))
+        self.save_hyperparameters(ignore=["backbone", "fca", "blind_vae", "cfa"])
+        self.needs_normal = center == "normal" or bool(standardize)
+        self.model = ClusteringModel(backbone, hidden_channels, out_channels,
+                                     None if descriptor_layers is None else tuple(descriptor_layers), feature_pool,
+                                     normal_pixels if self.needs_normal else 0)
+        self.maps_source = "dir" if maps_dir else maps_from
+        if self.maps_source in LOCALIZED:
+            self.model.localizer = build_localizer(self.maps_source, backbone,
+                                                   {"fca": fca, "blind_vae": blind_vae, "cfa": cfa})
         self.metrics["test_cluster"] = ClusteringMetrics()
         self.metrics["test_cluster_raw"] = ClusteringMetrics()
-        self.maps_source = "dir" if maps_dir else maps_from
         self.epoch_losses: list[float] = []  # mean training loss per epoch (for tests and the record)
         self.fit_info: dict[str, Any] = {}
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}  # image path → features / maps
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}  # image path → features / maps / thumbnail
         self._stored_maps: dict[str, torch.Tensor] | None = None
-        self._train: dict[str, torch.Tensor] = {}
+        self._train: dict[str, Any] = {}
         self._loss_sum = self._loss_count = 0.0
         self._test_paths: list[tuple[str, str, int]] = []
+        self._display: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # datamodule mean/std
 
     # --- which images, and their features and maps -------------------------------------------
     def _clustered(self, label: int) -> bool:
         return label == 1 or (self.hparams.include_good and label == 0)
 
-    def _check_sizes(self, n_images: int, n_classes: int, where: str) -> int:
-        """The number of clusters, after checking that k and n_clusters fit the clustered set."""
+    def _check_sizes(self, n_images: int, n_classes: int, where: str) -> int | None:
+        """The fixed number of clusters (None when estimated), after checking k and n_clusters fit."""
         what = "test images" if self.hparams.include_good else "anomalous test images"
         if n_images < self.hparams.k + 1:
             raise TexadError(f"method.k={self.hparams.k} needs at least k+1={self.hparams.k + 1} {what}, "
                              f"but {where} has {n_images}")
-        n_clusters = self.hparams.n_clusters or n_classes
+        wanted = self.hparams.n_clusters
+        if wanted is None:
+            if n_images < 3:
+                raise TexadError(f"method.n_clusters=null estimates the number of clusters, which needs at least "
+                                 f"3 {what}, but {where} has {n_images}")
+            return None
+        n_clusters = n_classes if wanted == "oracle" else int(wanted)
         if n_clusters > n_images:
             raise TexadError(f"method.n_clusters={n_clusters} is larger than the number of {what} "
                              f"to cluster ({n_images} in {where})")
@@ -169,9 +222,13 @@ class AnomalyClustering(AnomalyModule):
             datamodule.setup()
             self._stored_maps = load_stored_maps(self.hparams.maps_dir, datamodule.split.test, datamodule.image_size)
 
-    def _maps_at_input(self, batch: Batch, features: torch.Tensor) -> torch.Tensor:
+    def _remember_display(self, datamodule: Any) -> None:
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is not None and std is not None:
+            self._display = (tuple(mean), tuple(std))
+
+    def _maps_at_input(self, batch: Batch) -> torch.Tensor:
         """(B, H, W) anomaly maps at input resolution from the configured source."""
-        size = batch.image.shape[-2:]
         if self.hparams.maps_dir:
             if self._stored_maps is None:
                 raise TexadError("method.maps_dir: maps were not loaded (no datamodule to check them against)")
@@ -180,69 +237,111 @@ class AnomalyClustering(AnomalyModule):
             if batch.mask is None:
                 raise TexadError("method.maps_from=gt needs ground-truth masks, but this data set has none")
             return batch.mask[:, 0].float()
-        amap = self.model.fca(features[:, self.model.fca_channels])
-        return F.interpolate(amap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = self.model.localizer.predict_maps(batch)["anomaly_map"]
+        if amap.shape[-2:] != batch.image.shape[-2:]:
+            amap = F.interpolate(amap[:, None], size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return amap
+
+    def _thumbnail(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, THUMB, THUMB) of a normalised input image, for the cluster grid."""
+        small = F.interpolate(image[None].float(), size=(THUMB, THUMB), mode="bilinear", align_corners=False)[0]
+        if self._display is not None:
+            mean = torch.tensor(self._display[0], device=small.device).view(-1, 1, 1)
+            std = torch.tensor(self._display[1], device=small.device).view(-1, 1, 1)
+            small = small * std + mean
+        else:
+            small = (small - small.min()) / (small.max() - small.min()).clamp(min=1e-8)
+        return (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
     def _image_data(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
         """Per image: features (C,h,w) for clustered images, the map at feature (h,w) and input size."""
         if all(p in self._cache for p in batch.path):
             return [self._cache[p] for p in batch.path]
         features = self.model.features(batch.image)
-        full = self._maps_at_input(batch, features).float()
+        full = self._maps_at_input(batch).float()
         low = F.adaptive_avg_pool2d(full[:, None], features.shape[-2:])[:, 0]  # area average: masks → coverage
         items = []
         for i, path in enumerate(batch.path):
             item = {"map": low[i].cpu(), "full_map": full[i].cpu()}
             if self._clustered(int(batch.label[i])):
                 item["features"] = features[i].cpu()
+                item["thumbnail"] = self._thumbnail(batch.image[i])
+                item["thumb_map"] = F.interpolate(full[i][None, None], size=(THUMB, THUMB), mode="bilinear",
+                                                  align_corners=False)[0, 0].cpu()
             self._cache[path] = item
             items.append(item)
         return items
 
-    def _collect(self, datamodule: Any) -> tuple[list, torch.Tensor, torch.Tensor]:
-        """Samples, features (N,C,h,w) and maps (N,h,w) of the clustered test images."""
+    def _clustered_loader(self, datamodule: Any) -> tuple[list, DataLoader]:
         datamodule.setup()
         dataset = datamodule.test_dataset()
         indices = [i for i, s in enumerate(dataset.samples) if self._clustered(s.label)]
-        types = {dataset.samples[i].defect_type for i in indices}
-        self._n_clusters = self._check_sizes(len(indices), len(types), f"dataset {datamodule.name!r}")
-        self._ensure_stored_maps(datamodule)
         loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, shuffle=False,
                             num_workers=datamodule.num_workers, collate_fn=collate)
+        return [dataset.samples[i] for i in indices], loader
+
+    def _collect(self, datamodule: Any) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Samples, features (N,C,h,w) and maps (N,h,w) of the clustered test images."""
+        samples, loader = self._clustered_loader(datamodule)
+        types = {s.defect_type for s in samples}
+        self._check_sizes(len(samples), len(types), f"dataset {datamodule.name!r}")
+        self._ensure_stored_maps(datamodule)
         items = []
         for batch in loader:
             with torch.no_grad():
                 items.extend(self._image_data(_to(batch, self.device)))
-        samples = [dataset.samples[i] for i in indices]
         return samples, torch.stack([it["features"] for it in items]), torch.stack([it["map"] for it in items])
 
-    def _descriptors(self, features: torch.Tensor, maps: torch.Tensor, head: bool) -> torch.Tensor:
-        weights = attention_weights(normalise_maps(maps), self.hparams.temperature)
-        if head:
-            features = self.model.head_features(features)
-        smooth = smooth_and_center(features, self.hparams.feature_blur_kernel, self.hparams.feature_blur_sigma)
-        return weighted_descriptors(smooth, weights)
+    @torch.no_grad()
+    def _sample_normal_pixels(self, datamodule: Any) -> None:
+        """Fill ``model.normal_pixels`` with a seeded sample of the normal training images' features."""
+        datamodule.setup("fit")
+        chunks = []
+        for batch in datamodule.fit_statistics_dataloader():
+            feats = self.model.features(batch.image.to(self.device))
+            chunks.append(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
+        pixels = torch.cat(chunks)
+        g = torch.Generator().manual_seed(int(self.hparams.seed))
+        n = self.model.normal_pixels.shape[0]
+        pick = torch.randint(len(pixels), (n,), generator=g) if len(pixels) < n else torch.randperm(len(pixels), generator=g)[:n]
+        self.model.normal_pixels.copy_(pixels[pick].to(self.model.normal_pixels))
 
-    # --- fit: mine pairs, then train the head on anchor images --------------------------------
+    def _descriptors(self, features: torch.Tensor, maps: torch.Tensor, head: bool) -> torch.Tensor:
+        hp = self.hparams
+        return image_descriptors(self.model, clear_border(maps, hp.attention_border), head, hp.temperature,
+                                 hp.pooling, hp.anomalous_level, hp.center, hp.standardize, hp.normalize_descriptors,
+                                 hp.feature_blur_kernel, hp.feature_blur_sigma, features=features)
+
+    # --- fit: the localiser, then mine pairs and train the head on anchor images -----------------
     def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
+        self._remember_display(datamodule)
+        if self.maps_source in LOCALIZED:
+            info = fit_localizer(self.maps_source, self.model.localizer, datamodule,
+                                 lambda: (_to(b, self.device) for b in self._clustered_loader(datamodule)[1]),
+                                 self.device, int(self.hparams.seed))
+            self.fit_info.update(info)
+        if self.needs_normal:
+            self._sample_normal_pixels(datamodule)
         samples, features, maps = self._collect(datamodule)
         raw = self._descriptors(features, maps, head=False)
-        positives, negatives = mine_pairs(raw, self.hparams.k, self.hparams.negative_quantile)
-        anomalous, normal = split_pixels(normalise_maps(maps), self.hparams.anomalous_level)
+        positives, negatives = mine_pairs(raw, self.hparams.k, self.hparams.negative_quantile, self.hparams.mutual)
         types = [s.defect_type for s in samples]
-        purity = float(np.mean([types[j] == types[i] for i in range(len(types)) for j in positives[i].tolist()]))
-        self.fit_info = {"n_train_images": len(samples), "positive_purity": purity}
+        # recorded only: how often a mined positive shares the anchor's defect type (never used to choose)
+        pairs = [(i, j) for i in range(len(types)) for j in positives[i].tolist()]
+        purity = float(np.mean([types[i] == types[j] for i, j in pairs]))
+        self.fit_info.update({"n_train_images": len(samples), "positive_purity": purity,
+                              "positives_per_image": len(pairs) / len(samples)})
         log.info("clustering: %d images, positives of the same defect type: %.2f", len(samples), purity)
-        self._train = {
-            "features": features.flatten(2),  # (N, C, hw)
-            "positives": positives,
-            "negatives": negatives,
-            "anomalous": _index_lists(anomalous.flatten(1)),
-            "normal": _index_lists(normal.flatten(1)),
-        }
+        self._train = pair_training_data(features, clear_border(maps, self.hparams.attention_border), positives,
+                                         negatives, self.hparams.anomalous_level)
         # The pipeline fits on datamodule.train_dataloader(); the head trains on anchor images of the
         # clustered set instead (see the report: a `fit_dataloader` hook in pipeline.py would do this).
         datamodule.train_dataloader = self.anchor_dataloader
+        # Nothing here is validated (the head is judged by clustering the test images), and a
+        # validation-selected epoch would be chosen on a metric the head does not change: no
+        # validation split, so the pipeline keeps the last epoch (see the report: an opt-out
+        # attribute read by pipeline.epoch_selection would be cleaner).
+        datamodule.val_samples = []
         return self.hparams.epochs > 0
 
     def anchor_dataloader(self) -> DataLoader:
@@ -250,33 +349,11 @@ class AnomalyClustering(AnomalyModule):
         return DataLoader(list(range(n)), batch_size=self.hparams.anchors_per_step,
                           sampler=EpochSeededShuffle(n, self.hparams.seed), collate_fn=torch.tensor)
 
-    def _sample_pixels(self, images: torch.Tensor, kind: str, n: int, g: torch.Generator) -> torch.Tensor:
-        """n feature vectors (n, C) of `kind` pixels, each from an image drawn uniformly from `images`."""
-        padded, lengths = self._train[kind]
-        img = images[torch.randint(len(images), (n,), generator=g)]
-        pos = (torch.rand(n, generator=g) * lengths[img]).long()
-        pix = padded[img, pos]
-        return self._train["features"][img, :, pix]
-
     def training_step(self, anchors: torch.Tensor, batch_idx: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
-        hp, losses = self.hparams, []
-        for a in anchors.cpu().tolist():
-            anchor = torch.tensor([a])
-            close = torch.cat([anchor, self._train["positives"][a]])
-            pool = self._train["negatives"][a].nonzero()[:, 0]
-            negatives = pool[torch.randperm(len(pool), generator=g)[: hp.n_negatives]]
-            vectors = [
-                self._sample_pixels(anchor, "anomalous", hp.anchor_pixels, g),
-                self._sample_pixels(anchor, "normal", hp.anchor_pixels, g),
-                self._sample_pixels(close, "anomalous", hp.pair_pixels, g),
-                self._sample_pixels(close, "normal", hp.pair_pixels, g),
-                self._sample_pixels(negatives, "anomalous", hp.pair_pixels, g),
-            ]
-            sizes = [len(v) for v in vectors]
-            embedded = self.model.head(torch.cat(vectors).to(self.device)).split(sizes)
-            loss, _ = contrastive_loss(*embedded, margin=hp.margin)
-            losses.append(loss)
+        hp = self.hparams
+        losses = [anchor_loss(self.model.head, self._train, a, g, hp.n_negatives, hp.anchor_pixels, hp.pair_pixels,
+                              hp.margin, self.device) for a in anchors.cpu().tolist()]
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(anchors))
         self._loss_sum += float(loss.detach())
@@ -291,9 +368,20 @@ class AnomalyClustering(AnomalyModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
+    # --- checkpoints: the localiser's frozen backbone copies stay out, like the main backbone ------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not _frozen_key(k)}
+
+    def load_method_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not _frozen_key(k) and ".metrics." not in f".{k}"]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
     # --- evaluation ----------------------------------------------------------------------------
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The anomaly maps the descriptors attend to (FCA, masks or stored), at input resolution."""
+        """The anomaly maps the descriptors attend to (localiser, masks or stored), at input resolution."""
         amap = torch.stack([it["full_map"] for it in self._image_data(batch)]).to(batch.image.device)
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}
 
@@ -305,6 +393,9 @@ class AnomalyClustering(AnomalyModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             self._ensure_stored_maps(datamodule)
+            self._remember_display(datamodule)
+            if self.needs_normal and not bool(self.model.normal_pixels.abs().sum() > 0):
+                self._sample_normal_pixels(datamodule)
         self._test_paths = []
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
@@ -314,47 +405,89 @@ class AnomalyClustering(AnomalyModule):
                 self._test_paths.append((path, defect_type, int(label)))
         return out
 
+    def _score(self, kind: str, clusters: np.ndarray, target: torch.Tensor) -> dict[str, float]:
+        metric = self.metrics["test_cluster" if kind == "head" else "test_cluster_raw"]
+        metric.update(torch.from_numpy(clusters), target)
+        scores = metric.compute()
+        metric.reset()
+        return scores
+
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         if not self._test_paths:
             raise TexadError("no test images to cluster: the test set has no anomalous images")
+        hp = self.hparams
         paths = [p for p, _, _ in self._test_paths]
         types = [t for _, t, _ in self._test_paths]
         classes = sorted(set(types))
-        n_clusters = self._check_sizes(len(paths), len(classes), "the test set")
+        fixed = self._check_sizes(len(paths), len(classes), "the test set")
         features = torch.stack([self._cache[p]["features"] for p in paths]).to(self.device)
         maps = torch.stack([self._cache[p]["map"] for p in paths]).to(self.device)
         target = torch.tensor([classes.index(t) for t in types])
-        descriptors, clusters, scores = {}, {}, {}
-        for kind, head in (("raw", False), ("head", True)):
-            descriptors[kind] = self._descriptors(features, maps, head=head).float().cpu()
-            clusters[kind] = ward_clusters(descriptors[kind], n_clusters)
-            metric = self.metrics["test_cluster" if head else "test_cluster_raw"]
-            metric.update(torch.from_numpy(clusters[kind]), target)
-            scores[kind] = metric.compute()
-            metric.reset()
         res = self.results["test"]
-        res.update(scores["head"])
-        res.update({f"raw_{k}": v for k, v in scores["raw"].items()})
-        res.update({"n_clustered": len(paths), "n_clusters": n_clusters, "maps_source": self.maps_source,
-                    "include_good": bool(self.hparams.include_good), **self.fit_info})
+        descriptors, linkages, clusters, used_k, scores = {}, {}, {}, {}, {}
+        estimates: dict[str, dict[str, int]] = {}
+        for kind in ("raw", "head"):
+            prefix = "" if kind == "head" else "raw_"
+            with torch.no_grad():
+                descriptors[kind] = self._descriptors(features, maps, head=kind == "head").float().cpu()
+            linkages[kind] = ward_linkage(descriptors[kind])
+            k_est = None
+            if len(paths) >= 3:
+                for criterion in K_CRITERIA:
+                    sc = criterion_scores(descriptors[kind], criterion, hp.k_min, hp.k_max, linkages[kind])
+                    best = max(sc.values())
+                    estimates.setdefault(criterion, {})[kind] = min(k for k, s in sc.items() if s == best)
+                k_est = estimates[hp.k_criterion][kind]
+            used_k[kind] = fixed if fixed is not None else k_est
+            clusters[kind] = cut_tree(linkages[kind], used_k[kind])
+            scores[kind] = self._score(kind, clusters[kind], target)
+            res.update({f"{prefix}{key}": v for key, v in scores[kind].items()})
+            res[f"{prefix}n_clusters"] = used_k[kind]
+            res[f"{prefix}k_estimated"] = k_est
+            for tag, k_value in (("true_k", len(classes)), ("est_k", k_est)):
+                if k_value is None or k_value > len(paths):
+                    continue
+                other = self._score(kind, cut_tree(linkages[kind], k_value), target)
+                res.update({f"{tag}_{prefix}{key}": v for key, v in other.items()})
+        res.update({"n_clustered": len(paths), "n_types": len(classes), "k_criterion": hp.k_criterion,
+                    "k_estimates": estimates, "maps_source": self.maps_source,
+                    "include_good": bool(hp.include_good), **self.fit_info})
         if self.epoch_losses:
             res.update({"head_loss_first_epoch": self.epoch_losses[0], "head_loss_last_epoch": self.epoch_losses[-1]})
         for key in ("nmi", "ari", "cluster_f1", "raw_nmi", "raw_ari", "raw_cluster_f1"):
             self.log(f"test/{key}", float(res[key]), rank_zero_only=True, sync_dist=False)
         output_dir = ((self.texad_config or {}).get("paths") or {}).get("output_dir")
         if output_dir and self.global_rank == 0:
-            write_cluster_outputs(Path(output_dir), paths, types, clusters, descriptors, scores)
+            from texad.methods.clustering.figures import write_cluster_outputs
+
+            write_cluster_outputs(Path(output_dir), paths, types, clusters, descriptors, scores, linkages, used_k,
+                                  [self._cache[p]["thumbnail"] for p in paths],
+                                  [self._cache[p]["thumb_map"] for p in paths], hp.thumbnails_per_cluster)
 
 
-def _index_lists(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, L) bool → padded flat indices (N, max count) and counts (N,), for vectorised sampling."""
-    lengths = masks.sum(1)
-    padded = torch.zeros(masks.shape[0], max(int(lengths.max()), 1), dtype=torch.long)
-    for i, row in enumerate(masks):
-        idx = row.nonzero()[:, 0]
-        padded[i, : len(idx)] = idx
-    return padded, lengths.clamp(min=1)
+def image_descriptors(model: ClusteringModel, maps: torch.Tensor, head: bool, temperature: float,
+                      pooling: str = "softmax", anomalous_level: float = 0.5, center: str = "image",
+                      standardize: bool = False, normalize: bool = False, blur_kernel: int = 7,
+                      blur_sigma: float = 2.0, *, features: torch.Tensor) -> torch.Tensor:
+    """(N, C) descriptors of features (N, C, h, w) attended by maps (N, h, w), before or after the head."""
+    weights = normalise_maps(maps)
+    weights = (attention_weights(weights, temperature) if pooling == "softmax"
+               else threshold_weights(weights, anomalous_level))
+    if head:
+        features = model.head_features(features)
+    stats = model.normal_statistics(head) if (center == "normal" or standardize) else None
+    if stats is None and (center == "normal" or standardize):
+        raise TexadError("method.center=normal / method.standardize need normal images' features (none sampled)")
+    smooth = smooth_and_center(features, blur_kernel, blur_sigma, center,
+                               stats[0] if center == "normal" else None, stats[1] if standardize else None)
+    out = weighted_descriptors(smooth, weights)
+    return F.normalize(out, dim=1) if normalize else out
+
+
+def _frozen_key(key: str) -> bool:
+    """State keys of frozen backbone weights (the main one and the localiser's copies/views)."""
+    return ".backbone." in f".{key}"
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -364,56 +497,3 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def write_cluster_outputs(out_dir: Path, paths: list[str], types: list[str], clusters: dict[str, np.ndarray],
-                          descriptors: dict[str, torch.Tensor], scores: dict[str, dict[str, float]]) -> None:
-    """clusters.csv (one row per clustered image) and clusters.png (2-D PCA, before/after the head)."""
-    from texad.writers import write_csv
-
-    rows = [{"path": p, "defect_type": t, "cluster": int(c), "raw_cluster": int(r)}
-            for p, t, c, r in zip(paths, types, clusters["head"], clusters["raw"])]
-    write_csv(out_dir / "clusters.csv", rows, ["path", "defect_type", "cluster", "raw_cluster"])
-    plot_projection(out_dir / "clusters.png", types, clusters, descriptors, scores)
-
-
-def _pca_2d(x: torch.Tensor) -> np.ndarray:
-    x = x.double() - x.double().mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    return (x @ v[:2].T).numpy() if v.shape[0] >= 2 else np.c_[x @ v[:1].T, np.zeros(len(x))]
-
-
-def plot_projection(path: Path, types: list[str], clusters: dict[str, np.ndarray],
-                    descriptors: dict[str, torch.Tensor], scores: dict[str, dict[str, float]]) -> None:
-    """Two PCA panels (descriptors without / with the head), colour = true defect type, marker = cluster."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from texad.outputs import atomic_write
-
-    classes = sorted(set(types))
-    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    markers = "o^sDvP*XhH<>p"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6), dpi=110)
-    for ax, (kind, title) in zip(axes, (("raw", "map-weighted backbone features (no head)"),
-                                        ("head", "after the contrastive head"))):
-        xy = _pca_2d(descriptors[kind])
-        for ci, name in enumerate(classes):
-            for cluster in np.unique(clusters[kind]):
-                sel = np.array([t == name for t in types]) & (clusters[kind] == cluster)
-                if sel.any():
-                    ax.scatter(xy[sel, 0], xy[sel, 1], s=55, color=colours(ci), marker=markers[cluster % len(markers)],
-                               edgecolors="black", linewidths=0.4)
-        s = scores[kind]
-        ax.set_title(f"{title}\nNMI {s['nmi']:.2f}   ARI {s['ari']:.2f}   F1 {s['cluster_f1']:.2f}", fontsize=11)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(ci), markeredgecolor="black", markersize=8,
-                          label=name) for ci, name in enumerate(classes)]
-    fig.legend(handles=handles, title="defect type (colour)", loc="center right", frameon=True)
-    fig.suptitle(f"Anomaly clustering of {len(types)} images: colour = true defect type, marker shape = Ward cluster",
-                 fontsize=12)
-    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)

@@ -20,6 +20,15 @@ threshold found by k-means with a "good" cluster, which needs normal images in t
 We cluster anomalous images only, so every image holds a defect and the split is per image
 (`split_pixels`): anomalous = α above median + level·(max − median), normal = α at or below the
 median.
+
+Options studied for issue #14 (defaults chosen on a validation set of other defect generators
+planted into normal training images, never on the test labels; ``texad.methods.clustering.study``):
+``attention_border`` (a frame left out of the attention, ``clear_border``), ``center`` (subtract each
+image's own channel mean or the normal images' mean feature), ``standardize`` (divide by the normal
+images' per-channel spread), ``pooling`` (softmax(α/τ) as the paper, or a uniform average over the
+anomalous pixels),
+``mutual`` nearest-neighbour positives, the descriptor's backbone layers and local pooling, and
+L2-normalised descriptors before Ward.
 """
 
 from __future__ import annotations
@@ -35,9 +44,11 @@ from texad.methods.fca.torch_model import gaussian_kernel_1d
 
 __all__ = [
     "normalise_maps",
+    "clear_border",
     "attention_weights",
     "smooth_and_center",
     "weighted_descriptors",
+    "threshold_weights",
     "mine_pairs",
     "split_pixels",
     "ProjectionHead",
@@ -55,6 +66,27 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return (maps - low) / (high - low)
 
 
+def clear_border(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Set a frame of round(fraction · side) cells of every (N, h, w) map to that map's minimum.
+
+    Localisers score the image border high on normal texture (padding effects), and softmax(α/τ)
+    then attends to a corner instead of the defect. The official blind pipeline zeroes a 5-cell frame
+    of its 64² maps (5/64 ≈ 0.08) for the same reason; here it is applied to any map source.
+    """
+    if fraction <= 0:
+        return maps
+    if fraction >= 0.5:
+        raise TexadError(f"method.attention_border must be in [0, 0.5), got {fraction}")
+    h, w = maps.shape[-2:]
+    by, bx = int(round(fraction * h)), int(round(fraction * w))
+    if by == 0 and bx == 0:
+        return maps
+    low = maps.flatten(1).amin(1).view(-1, 1, 1).expand_as(maps)
+    frame = torch.ones(h, w, dtype=torch.bool, device=maps.device)
+    frame[by:h - by, bx:w - bx] = False
+    return torch.where(frame, low, maps)
+
+
 def attention_weights(maps: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(α/τ) over the locations of each map: (N, h, w) → (N, h, w), each summing to 1."""
     if temperature <= 0:
@@ -63,19 +95,47 @@ def attention_weights(maps: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(maps.reshape(n, -1).double() / temperature, dim=1).reshape(maps.shape).to(maps.dtype)
 
 
-def smooth_and_center(features: torch.Tensor, kernel: int = 7, sigma: float = 2.0) -> torch.Tensor:
-    """F̃: Gaussian blur (reflect padding) then subtract each channel's spatial mean.
+CENTERS = ("image", "normal", "none")
+POOLINGS = ("softmax", "threshold")
 
-    The blur gathers a defect's context into the few locations the attention picks; removing the
-    mean keeps the texture's average appearance, shared by all images, out of the descriptor.
+
+def smooth_and_center(features: torch.Tensor, kernel: int = 7, sigma: float = 2.0, center: str = "image",
+                      normal_mean: torch.Tensor | None = None, normal_std: torch.Tensor | None = None) -> torch.Tensor:
+    """F̃: Gaussian blur (reflect padding), subtract a mean feature, optionally divide by a normal std.
+
+    The blur gathers a defect's context into the few locations the attention picks. ``center``:
+    ``image`` subtracts each image's own channel means (the official code: the texture's average
+    appearance, shared by all images, stays out of the descriptor), ``normal`` subtracts the mean
+    feature vector of the normal images (``normal_mean``, (C,)): the descriptor then keeps how the
+    whole image differs from normal. With weights summing to one both only shift descriptors (Ward
+    on Euclidean distances does not change under a common shift), so they matter through the
+    image-specific part and through L2 normalisation. ``normal_std`` ((C,), optional) divides every
+    channel by its spread on normal images, so channels that vary a lot on normal texture weigh less.
     """
+    if center not in CENTERS:
+        raise TexadError(f"method.center must be one of {list(CENTERS)}, got {center!r}")
     if kernel and kernel > 1:
         c, (h, w), r = features.shape[1], features.shape[-2:], kernel // 2
         k1 = gaussian_kernel_1d(kernel, sigma, dtype=features.dtype).to(features.device)
         x = F.pad(features, (r, r, r, r), mode="reflect" if r < min(h, w) else "replicate")
         x = F.conv2d(x, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel), groups=c)
         features = F.conv2d(x, k1.view(1, 1, -1, 1).expand(c, 1, kernel, 1), groups=c)
-    return features - features.mean(dim=(-2, -1), keepdim=True)
+    if center == "image":
+        features = features - features.mean(dim=(-2, -1), keepdim=True)
+    elif center == "normal":
+        if normal_mean is None:
+            raise TexadError("method.center='normal' needs the normal images' mean feature (none was computed)")
+        features = features - normal_mean.to(features).view(1, -1, 1, 1)
+    if normal_std is not None:
+        features = features / normal_std.to(features).clamp(min=1e-6).view(1, -1, 1, 1)
+    return features
+
+
+def threshold_weights(maps: torch.Tensor, level: float) -> torch.Tensor:
+    """Uniform weights over each image's anomalous pixels (``split_pixels``): (N, h, w), rows sum to 1."""
+    anomalous, _ = split_pixels(maps, level)
+    w = anomalous.to(maps.dtype)
+    return w / w.flatten(1).sum(1).clamp(min=1).view(-1, 1, 1)
 
 
 def weighted_descriptors(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -85,12 +145,16 @@ def weighted_descriptors(features: torch.Tensor, weights: torch.Tensor) -> torch
     return torch.einsum("nchw,nhw->nc", features, weights.to(features.dtype))
 
 
-def mine_pairs(descriptors: torch.Tensor, k: int, negative_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positives (N, k): each image's k nearest others; negatives (N, N) bool: candidates per anchor.
+def mine_pairs(descriptors: torch.Tensor, k: int, negative_quantile: float,
+               mutual: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Positives (one index tensor per image) and negatives (N, N) bool: candidates per anchor.
 
-    Similarity is minus the Euclidean distance (the official 1 − 100·mean squared difference ranks
-    the same). An anchor's negative candidates are the others whose similarity is at or below the
-    ``negative_quantile`` quantile of its similarities to the others (at least the least similar one).
+    Positives: each image's k nearest others; with ``mutual`` only those j that also have i among
+    their k nearest (mutual nearest neighbours, fewer but purer pairs), falling back to the single
+    nearest one when none is mutual. Similarity is minus the Euclidean distance (the official
+    1 − 100·mean squared difference ranks the same). An anchor's negative candidates are the others
+    whose similarity is at or below the ``negative_quantile`` quantile of its similarities to the
+    others (at least the least similar one).
     """
     n = descriptors.shape[0]
     if n < k + 1:
@@ -99,7 +163,14 @@ def mine_pairs(descriptors: torch.Tensor, k: int, negative_quantile: float) -> t
         raise TexadError(f"method.negative_quantile must be in (0, 1], got {negative_quantile}")
     distance = torch.cdist(descriptors.double(), descriptors.double())
     distance.fill_diagonal_(float("inf"))
-    positives = distance.topk(k, dim=1, largest=False).indices
+    knn = distance.topk(k, dim=1, largest=False).indices
+    if mutual:
+        member = torch.zeros(n, n, dtype=torch.bool, device=descriptors.device)
+        member[torch.arange(n)[:, None], knn] = True
+        both = member & member.T
+        positives = [row[both[i, row]] if both[i, row].any() else row[:1] for i, row in enumerate(knn)]
+    else:
+        positives = list(knn)
     similarity = -distance
     eye = torch.eye(n, dtype=torch.bool, device=descriptors.device)
     others = similarity.masked_select(~eye).view(n, n - 1)
@@ -178,38 +249,105 @@ def ward_clusters(descriptors: torch.Tensor, n_clusters: int) -> np.ndarray:
 
 
 class ClusteringModel(nn.Module):
-    """Frozen backbone, FCA (zero-shot maps) and the trainable head, in one module for checkpoints.
+    """Frozen backbone, the trainable head and (when maps are computed in the run) the localiser.
 
-    `features` is what both the descriptors and the head see: every backbone layer upsampled
-    (bilinear) to the first layer's resolution, concatenated, and min–max scaled per image and
-    channel (the official code scales the features the head and FCA see the same way).
-    `fca_layers` picks the channels FCA sees (indices into the backbone's layers): on the embedded
-    gravel set FCA on efficientnet_lite0's first layer (stride 4) gave pixel AUROC 0.77, on all three
-    layers 0.53, on the stride-8 layer alone 0.46 (10 images, 256²).
+    `features` is what both the descriptors and the head see: the backbone layers
+    ``descriptor_layers`` (indices into the backbone's layers), each locally averaged
+    ``feature_pool``×``feature_pool`` (1 = off), upsampled (bilinear) to the finest one's resolution,
+    concatenated, and min–max scaled per image and channel (the official code scales the features
+    the head sees the same way). ``normal_pixels`` is a fixed random sample of normal images'
+    feature vectors (filled at fit start when the options need normal statistics): their mean and
+    spread give the ``center="normal"`` / ``standardize`` statistics, also after the head.
+    ``localizer`` is another texad method (FCA, blind VAE, CFA) whose ``predict_maps`` gives the maps.
     """
 
     def __init__(self, backbone: nn.Module, hidden_channels: int = 256, out_channels: int | None = None,
-                 fca: dict | None = None, fca_layers: tuple[int, ...] = (0,)) -> None:
+                 descriptor_layers: tuple[int, ...] | None = None, feature_pool: int = 1,
+                 normal_pixels: int = 0) -> None:
         super().__init__()
-        from texad.methods.fca.torch_model import FCA
-
         self.backbone = backbone
-        bad = [i for i in fca_layers if not 0 <= int(i) < len(backbone.channels)]
-        if bad or not fca_layers:
-            raise TexadError(f"method.fca_layers={list(fca_layers)} must pick among the backbone's "
-                             f"{len(backbone.channels)} layers (0..{len(backbone.channels) - 1})")
-        bounds = np.cumsum([0, *backbone.channels])
-        self.fca_channels = [c for i in fca_layers for c in range(int(bounds[i]), int(bounds[i + 1]))]
-        self.in_channels = int(sum(backbone.channels))
+        layers = tuple(range(len(backbone.channels))) if descriptor_layers is None else tuple(descriptor_layers)
+        bad = [i for i in layers if not 0 <= int(i) < len(backbone.channels)]
+        if bad or not layers:
+            raise TexadError(f"method.descriptor_layers={list(layers)} must pick among the backbone's "
+                             f"{len(backbone.channels)} layers (0..{len(backbone.channels) - 1}, null = all)")
+        if int(feature_pool) < 1:
+            raise TexadError(f"method.feature_pool must be at least 1, got {feature_pool}")
+        self.descriptor_layers = tuple(sorted({int(i) for i in layers}))
+        self.feature_pool = int(feature_pool)
+        self.in_channels = int(sum(backbone.channels[i] for i in self.descriptor_layers))
         self.head = ProjectionHead(self.in_channels, hidden_channels, out_channels)
-        self.fca = FCA(**(fca or {}))
+        self.register_buffer("normal_pixels", torch.zeros(int(normal_pixels), self.in_channels))
+        self.localizer: nn.Module | None = None
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         from texad.methods.fca.torch_model import scale_features_minmax
 
-        return scale_features_minmax(local_average_and_concat(self.backbone(images), pool=1))
+        maps = self.backbone(images)
+        picked = [maps[i] for i in self.descriptor_layers]
+        return scale_features_minmax(local_average_and_concat(picked, pool=self.feature_pool))
 
     def head_features(self, features: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """The head on whole feature maps, a few images at a time."""
         return torch.cat([self.head(features[i:i + chunk]) for i in range(0, features.shape[0], chunk)])
+
+    def normal_statistics(self, head: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean and std (C,) of the normal pixel sample, before or after the head; None if not sampled."""
+        if self.normal_pixels.shape[0] == 0 or not bool(self.normal_pixels.abs().sum() > 0):
+            return None
+        x = self.head(self.normal_pixels) if head else self.normal_pixels
+        return x.mean(0), x.std(0)
+
+
+# --- the head's training data and loss per anchor (used by the LightningModule and the study) ----
+def _index_lists(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L) bool → padded flat indices (N, max count) and counts (N,), for vectorised sampling."""
+    lengths = masks.sum(1)
+    padded = torch.zeros(masks.shape[0], max(int(lengths.max()), 1), dtype=torch.long)
+    for i, row in enumerate(masks):
+        idx = row.nonzero()[:, 0]
+        padded[i, : len(idx)] = idx
+    return padded, lengths.clamp(min=1)
+
+
+def pair_training_data(features: torch.Tensor, maps: torch.Tensor, positives: list[torch.Tensor],
+                       negatives: torch.Tensor, anomalous_level: float) -> dict:
+    """What `anchor_loss` draws from: features (N, C, hw), pairs, and per image its anomalous and
+    normal pixel indices (``split_pixels`` of the set-normalised maps)."""
+    anomalous, normal = split_pixels(normalise_maps(maps), anomalous_level)
+    return {
+        "features": features.flatten(2),
+        "positives": positives,
+        "negatives": negatives,
+        "anomalous": _index_lists(anomalous.flatten(1)),
+        "normal": _index_lists(normal.flatten(1)),
+    }
+
+
+def _sample_pixels(data: dict, images: torch.Tensor, kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """n feature vectors (n, C) of `kind` pixels, each from an image drawn uniformly from `images`."""
+    padded, lengths = data[kind]
+    img = images[torch.randint(len(images), (n,), generator=g)]
+    pos = (torch.rand(n, generator=g) * lengths[img]).long()
+    return data["features"][img, :, padded[img, pos]]
+
+
+def anchor_loss(head: nn.Module, data: dict, anchor: int, g: torch.Generator, n_negatives: int,
+                anchor_pixels: int, pair_pixels: int, margin: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The official per-anchor step: anchor and positives' pixels attract, negatives' repel."""
+    first = torch.tensor([anchor])
+    close = torch.cat([first, data["positives"][anchor].cpu()])
+    pool = data["negatives"][anchor].nonzero()[:, 0].cpu()
+    negatives = pool[torch.randperm(len(pool), generator=g)[:n_negatives]]
+    vectors = [
+        _sample_pixels(data, first, "anomalous", anchor_pixels, g),
+        _sample_pixels(data, first, "normal", anchor_pixels, g),
+        _sample_pixels(data, close, "anomalous", pair_pixels, g),
+        _sample_pixels(data, close, "normal", pair_pixels, g),
+        _sample_pixels(data, negatives, "anomalous", pair_pixels, g),
+    ]
+    sizes = [len(v) for v in vectors]
+    embedded = head(torch.cat(vectors).to(device)).split(sizes)
+    loss, _ = contrastive_loss(*embedded, margin=margin)
+    return loss
