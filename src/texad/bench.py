@@ -4,6 +4,12 @@ Each method is measured in its own subprocess (so its peak RSS is its own) on re
 training images/s (an epoch after the memory bank is built), inference images/s, and the ratio of
 inference time to the bare backbone forward pass on the same batch. Pixel-metric time is measured
 on synthetic maps of the requested size; α re-fusion time per point where Sp-CFA exists.
+
+``--fca-core`` adds the FCA core alone (``texad.methods.fca.FCA``, one image per call) on random
+feature maps of the sizes in ``FCA_CORE_CASES`` (official WRN50-2 layer2 maps, raw RGB, and
+efficientnet_lite0 maps), each in its own subprocess, with its peak extra memory; ``--device cuda``
+runs that part on a GPU. This is the one place for speed scripts (it replaced bench/fca_speed.py and
+texad/methods/fca/bench.py).
 """
 
 from __future__ import annotations
@@ -139,7 +145,11 @@ def measure_method(
         n_train_images = len(datamodule.train_samples)
         result["epoch_s"] = [round(t, 3) for t in epoch_times]
         steady = epoch_times[1:] or epoch_times
-        result["train_images_per_s"] = round(n_train_images * len(steady) / sum(steady), 2)
+        if steady:  # statistics-only methods (PatchCore, PaDiM) run no epoch: fit_s is their fit
+            result["train_images_per_s"] = round(n_train_images * len(steady) / sum(steady), 2)
+        result["n_train_images"] = n_train_images
+        if getattr(model, "fit_info", {}).get("statistics"):
+            result["statistics"] = model.fit_info["statistics"]
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     model = model.to(device).eval()
     datamodule.setup("test")
@@ -221,6 +231,61 @@ def measure_refusion(n_points: int, n_images: int, size: int) -> dict[str, Any] 
     return time_refusion(n_points=n_points, n_images=n_images, size=size)
 
 
+#: (label, channels, side) of the FCA core timings: official maps, raw pixels, efficientnet_lite0 maps
+FCA_CORE_CASES = [
+    ("wrn50 layer2, 64²", 512, 64),
+    ("wrn50 layer2, 128²", 512, 128),
+    ("raw RGB, 256²", 3, 256),
+    ("effnet-lite0 stride 4 (24 ch), 128²", 24, 128),
+    ("effnet-lite0 stride 8 (40 ch), 128²", 40, 128),
+    ("effnet-lite0 strides 4+8+16 (152 ch), 64²", 152, 64),
+]
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_fca_core(channels: int, side: int, repeats: int, device: str = "cpu", patch_size: int = 9,
+                     border: str = "valid") -> dict[str, Any]:
+    """Seconds per call of the FCA core on one random (1, channels, side, side) map, and its peak
+    extra memory (resident set on CPU, allocated on a GPU). Content does not change FCA's cost (it
+    counts ranks), so random features are a fair input."""
+    import torch
+
+    from texad.methods.fca import FCA
+
+    torch.manual_seed(0)
+    features = torch.rand(1, channels, side, side, device=device)
+    fca = FCA(patch_size=patch_size, border=border).to(device)
+    fca(features[:, :, :32, :32])  # warm up kernels and the allocator on a small map
+    rss_before = _memory_kib("VmRSS:")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fca(features)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    result: dict[str, Any] = {
+        "channels": channels, "side": side, "patch_size": patch_size, "border": border, "device": device,
+        "seconds_median": round(sorted(times)[len(times) // 2], 4), "seconds_min": round(min(times), 4),
+        "threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        result["peak_extra_rss_mib"] = round((_memory_kib("VmHWM:") - rss_before) / 1024, 1)
+    return result
+
+
 def _run_child(args: argparse.Namespace, what: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "texad.bench", "--child", what, *args.passthrough]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -242,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refusion-points", type=int, default=100)
     p.add_argument("--refusion-images", type=int, default=100)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every method (repeatable)")
+    p.add_argument("--fca-core", action="store_true", help="also time the FCA core alone on random maps (FCA_CORE_CASES)")
+    p.add_argument("--device", default="cpu", help="device of the --fca-core timings (methods follow trainer=)")
+    p.add_argument("--patch-size", type=int, default=9, help="FCA patch size of the --fca-core timings")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -249,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         "--size", str(args.size), "--n-train", str(args.n_train), "--batch", str(args.batch),
         "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--metric-images", str(args.metric_images),
         "--refusion-points", str(args.refusion_points), "--refusion-images", str(args.refusion_images),
+        "--device", args.device, "--patch-size", str(args.patch_size),
         *[f"--override={o}" for o in args.override],
     ]
     if args.child:
@@ -257,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
             res = measure_method(name, args.size, args.n_train, args.batch, args.epochs, args.override, args.repeats)
         elif kind == "metrics":
             res = measure_metrics(args.metric_images, args.size)
+        elif kind == "fca_core":
+            channels, side = (int(v) for v in name.split("x"))
+            res = measure_fca_core(channels, side, args.repeats, args.device, args.patch_size)
         else:
             res = measure_refusion(args.refusion_points, args.refusion_images, args.size)
         print(json.dumps(res))
@@ -277,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     available = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
     for m in methods:
         report["methods"][m] = _run_child(args, f"method:{m}") if m in available else {"error": "not available"}
+    if args.fca_core:
+        report["fca_core"] = {label: _run_child(args, f"fca_core:{c}x{side}") for label, c, side in FCA_CORE_CASES}
     report["pixel_metrics"] = _run_child(args, "metrics")
     if "spcfa" in available:
         report["alpha_refusion"] = _run_child(args, "refusion")
