@@ -13,10 +13,15 @@ from texad.methods.fca import FCA, patch_reference
 
 
 def brute_force_fca(x: np.ndarray, t: int, stride: int = 1, sigma_p: float = 3.0, blur_kernel: int = 5,
-                    sigma_s: float = 1.0) -> np.ndarray:
-    """FCA written as the method reads: one patch at a time, one channel at a time (numpy/scipy)."""
+                    sigma_s: float = 1.0, border: str = "official") -> np.ndarray:
+    """FCA written as the method reads: one patch at a time, one channel at a time (numpy/scipy).
+
+    ``official``: reflect-padded map, a patch centred every ``stride`` pixels, weighted sum.
+    ``valid``: windows fully inside the map (starts every ``stride``, plus one ending at the border),
+    each pixel's weighted shares divided by the Gaussian weights it received.
+    """
     c, h, w = x.shape
-    p = t // 2
+    p = t // 2 if border == "official" else 0
     padded = np.pad(x, ((0, 0), (p, p), (p, p)), mode="reflect")
     tiles = np.stack([np.sort(x[:, i:i + t, j:j + t].reshape(c, -1), axis=1)
                       for i in range(0, h - t + 1, t) for j in range(0, w - t + 1, t)])
@@ -25,8 +30,14 @@ def brute_force_fca(x: np.ndarray, t: int, stride: int = 1, sigma_p: float = 3.0
     g /= g.sum()
     weight = np.outer(g, g)
     out = np.zeros(padded.shape[1:])
-    for a in range(0, h, stride):
-        for b in range(0, w, stride):
+    received = np.zeros(padded.shape[1:])
+    if border == "official":
+        starts_y, starts_x = range(0, h, stride), range(0, w, stride)
+    else:
+        starts_y = sorted(set(range(0, h - t + 1, stride)) | {h - t})
+        starts_x = sorted(set(range(0, w - t + 1, stride)) | {w - t})
+    for a in starts_y:
+        for b in starts_x:
             patch = padded[:, a:a + t, b:b + t].reshape(c, -1)
             shares = np.zeros_like(patch)
             for ch in range(c):
@@ -36,24 +47,38 @@ def brute_force_fca(x: np.ndarray, t: int, stride: int = 1, sigma_p: float = 3.0
             # scipy 'mirror' == torch 'reflect'; truncate so the kernel has blur_kernel taps
             share_map = ndi.gaussian_filter(share_map, sigma_s, mode="mirror", truncate=(blur_kernel // 2) / sigma_s)
             out[a:a + t, b:b + t] += share_map * weight
-    return out[p:p + h, p:p + w]
+            received[a:a + t, b:b + t] += weight
+    if border == "official":
+        return out[p:p + h, p:p + w]
+    return np.where(received > 0, out / np.maximum(received, 1e-300), 0.0)
 
 
-@pytest.mark.parametrize("t,stride", [(3, 1), (5, 1), (5, 2), (3, 3)])
-def test_vectorised_equals_brute_force(t, stride, one_thread):
-    x = torch.rand(3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(t * 10 + stride))
-    expected = brute_force_fca(x.numpy(), t, stride)
+@pytest.mark.parametrize("border", ["official", "valid"])
+@pytest.mark.parametrize("t,stride", [(3, 1), (5, 1), (5, 2), (3, 3), (3, 4)])
+def test_vectorised_equals_brute_force(t, stride, border, one_thread):
+    x = torch.rand(3, 12, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(t * 10 + stride))
+    expected = brute_force_fca(x.numpy(), t, stride, border=border)
     for chunk_rows in (1, 3, 8, 100):
-        got = FCA(patch_size=t, stride=stride, chunk_rows=chunk_rows, normalize=None)(x[None])[0]
+        got = FCA(patch_size=t, stride=stride, chunk_rows=chunk_rows, normalize=None, border=border)(x[None])[0]
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_ties_follow_a_stable_sort():
+@pytest.mark.parametrize("border", ["official", "valid"])
+def test_ties_follow_a_stable_sort(border):
     # ReLU-like features: many exact zeros; ties are ranked by position as a stable sort does.
     x = torch.relu(torch.randn(4, 11, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
-    expected = brute_force_fca(x.numpy(), 5)
-    got = FCA(patch_size=5, chunk_rows=4, normalize=None)(x[None])[0]
+    expected = brute_force_fca(x.numpy(), 5, border=border)
+    got = FCA(patch_size=5, chunk_rows=4, normalize=None, border=border)(x[None])[0]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_valid_border_equals_official_inside_and_differs_at_the_border():
+    # Pixels at least t-1 from the border lie in t² windows in both modes, whose weights sum to 1.
+    x = torch.rand(4, 20, 22, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    official = FCA(patch_size=5, normalize=None, border="official")(x[None])[0]
+    valid = FCA(patch_size=5, normalize=None, border="valid")(x[None])[0]
+    torch.testing.assert_close(valid[4:-4, 4:-4], official[4:-4, 4:-4], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(valid[0], official[0])
 
 
 def test_batch_images_are_independent_and_float32_matches_float64():
@@ -133,6 +158,7 @@ def test_fca_finds_a_planted_texture(one_thread):
     (dict(stride=-1), "stride"),
     (dict(blur_kernel=4), "blur_kernel"),
     (dict(reference="mean"), "reference"),
+    (dict(border="reflect"), "border"),
 ])
 def test_bad_settings_raise(kwargs, needle):
     with pytest.raises(TexadError, match=needle):

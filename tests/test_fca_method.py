@@ -11,7 +11,6 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.fca import FCAMethod
-from texad.methods.fca.bench import time_fca
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,8 +74,13 @@ def test_layers_choose_the_feature_map(backbone):
     both = FCAMethod(backbone, layers=[1, 2], feature_input_size=128).feature_map(images)
     assert both.shape == (1, 24 + 40, 32, 32)  # upsampled to the finer layer and concatenated
     # the view is the given backbone's network, cut: same values as the backbone's own layer 2
-    view = FCAMethod(backbone, layers=[2], feature_input_size=None).feature_map(images)
+    view = FCAMethod(backbone, layers=[2], feature_input_size=None, input_padding=0).feature_map(images)
     assert torch.allclose(view, backbone(images)[1], atol=1e-5)
+    # input padding: the same cells, computed on a reflect-padded input and cropped back exactly
+    padded = FCAMethod(backbone, layers=[2], feature_input_size=None, input_padding=16).feature_map(images)
+    expected = backbone(torch.nn.functional.pad(images, (16,) * 4, mode="reflect"))[1][..., 2:-2, 2:-2]
+    assert padded.shape == view.shape and torch.allclose(padded, expected, atol=1e-5)
+    assert not torch.allclose(padded[..., 0, :], view[..., 0, :], atol=1e-3)  # the border cells changed
 
 
 @pytest.mark.parametrize("key, kwargs", [
@@ -86,6 +90,10 @@ def test_layers_choose_the_feature_map(backbone):
     ("method.stride", {"stride": -2}),
     ("method.patch_size", {"patch_size": 9, "feature_input_size": 64}),  # 8x8 map at stride 8
     ("method.features", {"features": "colour"}),
+    ("method.input_padding", {"input_padding": 12}),  # not a multiple of layer 2's stride 8
+    ("method.input_padding", {"input_padding": -8}),
+    ("method.input_padding_mode", {"input_padding_mode": "circular"}),
+    ("method.border", {"border": "reflect"}),
 ])
 def test_bad_config_is_refused_at_construction_with_its_key(backbone, key, kwargs):
     with pytest.raises(TexadError, match=key):
@@ -116,6 +124,9 @@ def test_train_py_runs_fca_zero_shot_and_writes_metrics(tiny_cfg, tmp_path):
     assert not any(k.startswith("model.backbone.") for k in state)
 
 
-def test_time_fca_reports_seconds_per_image():
-    r = time_fca("pixels", image_size=64, patch_size=7, repeats=1)
-    assert r["feature_map"] == [3, 64, 64] and r["seconds_median"] > 0
+def test_bench_times_the_fca_core_on_a_random_map():
+    from texad.bench import measure_fca_core
+
+    r = measure_fca_core(3, 32, repeats=2, patch_size=7)
+    assert r["channels"] == 3 and r["side"] == 32 and r["border"] == "valid"
+    assert 0 < r["seconds_min"] <= r["seconds_median"] and r["peak_extra_rss_mib"] >= 0

@@ -11,6 +11,13 @@ features − decoder(μ); ``score="residual_norm"`` is the plain L2-norm baselin
 post-processed the same way (blur 5/σ 1, zero a ``zero_border`` frame at feature resolution), then
 bilinearly upsampled to the input size; the image score is the map's maximum.
 
+Border (issue 12). The official code zeroes a 5-cell frame of the 64² map because the border of
+its FCA map is hot (backbone zero padding, FCA's reflect-padded patches); a defect touching the
+border is then lost. Texad removes the causes instead, as for FCA: the resized image is
+reflect-padded by ``input_padding`` pixels before the backbone and the features cropped back, and
+FCA on the residual uses in-image windows (``border="valid"``), so ``zero_border`` defaults to 0.
+The official behaviour is ``method.input_padding=0 method.border=official method.zero_border=5``.
+
 Iterations: the official code runs 10 000 AdamW steps of 8 images × 64² vectors on a GPU. On a CPU
 we default to ``epochs=40`` epochs of ``vectors_per_step=8192`` vectors per step, the official AdamW
 settings otherwise (lr 1e-4, weight decay 0.1); see conf/method/blind_vae.yaml.
@@ -50,6 +57,8 @@ class BlindVAEMethod(AnomalyModule):
         features: str = "backbone",
         layers: Sequence[int] = (2,),
         feature_input_size: int | None = 512,
+        input_padding: int = 32,
+        input_padding_mode: str = "reflect",
         latent: int = 128,
         hidden: int = 512,
         kl_weight: float = 1e-3,
@@ -64,9 +73,10 @@ class BlindVAEMethod(AnomalyModule):
         blur_kernel: int | None = 5,
         sigma_s: float | None = 1.0,
         chunk_rows: int = 8,
+        border: str = "valid",
         smooth_kernel: int = 5,
         smooth_sigma: float = 1.0,
-        zero_border: int = 5,
+        zero_border: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -75,8 +85,10 @@ class BlindVAEMethod(AnomalyModule):
             raise TexadError(f"method.score must be one of {list(SCORES)}, got {score!r}")
         if vectors_per_step < 1:
             raise TexadError(f"method.vectors_per_step must be positive, got {vectors_per_step}")
-        check_fca_keys(patch_size, stride)
-        self.model = FeatureMaps(backbone, features, layers, feature_input_size)
+        check_fca_keys(patch_size, stride, border=border)
+        if zero_border < 0:
+            raise TexadError(f"method.zero_border must be >= 0, got {zero_border}")
+        self.model = FeatureMaps(backbone, features, layers, feature_input_size, input_padding, input_padding_mode)
         side = self.model.map_side()
         if side is not None:
             check_map_fits(patch_size, side, side, self.model.describe())
@@ -85,7 +97,7 @@ class BlindVAEMethod(AnomalyModule):
         self.model.vae = FeatureVAE(channels, hidden=hidden, latent=latent)
         try:
             self.model.fca = FCA(patch_size=patch_size, stride=stride, sigma_p=sigma_p, blur_kernel=blur_kernel,
-                                 sigma_s=sigma_s, chunk_rows=chunk_rows, normalize=None)
+                                 sigma_s=sigma_s, chunk_rows=chunk_rows, normalize=None, border=border)
         except TexadError as err:
             raise TexadError(f"method: {err}") from err
         self._train_features: dict[str, torch.Tensor] = {}

@@ -19,6 +19,17 @@ Follows the official code (TArdelean/AnomalyLocalizationFCA, ``sc_methods.ScFCA`
   torchvision's reflect-padded ``GaussianBlur`` followed by the weight).
 * ``stride`` > 1 is supported (patches start every ``stride`` pixels; the official code is stride 1).
 * ``reference="random"`` draws from a seeded generator and may use the last tile position.
+
+**Border** (``border``; issue 12). The official code reflect-pads the feature map by t//2 and centres
+a patch on every pixel, then *sums* the weighted shares. Near the border a patch then holds mirrored
+copies of in-image values: its distribution has duplicated entries that no interior patch has, so
+its rank-wise mismatch to the reference is larger, and the border of a normal image lights up.
+``border="valid"`` (texad's default) uses only windows that lie fully inside the map (stride 1:
+all (h−t+1)(w−t+1) of them; with a stride, the last window is shifted inward to end at the
+border) and turns the sum into a *weighted mean*: each pixel's Gaussian-weighted shares are divided
+by the sum of the Gaussian weights it received. Inside (≥ t−1 from the border) the weights a pixel
+receives sum to 1, so the map equals the official one there; a border pixel is scored only from
+real windows, at its true position in them. ``border="official"`` is the official behaviour.
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ from torch import nn
 
 from texad.errors import TexadError
 
-__all__ = ["FCA", "scale_features_minmax", "gaussian_kernel_1d", "patch_reference"]
+__all__ = ["BORDERS", "FCA", "scale_features_minmax", "gaussian_kernel_1d", "patch_reference", "window_starts"]
+
+#: how patches near the map border are formed: in-image windows + weighted mean | reflect pad + sum
+BORDERS = ("valid", "official")
 
 
 def scale_features_minmax(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -71,6 +85,16 @@ def patch_reference(features: torch.Tensor, patch_size: int, kind: str = "median
         tile = features[:, y0:y0 + t, x0:x0 + t].reshape(c, t * t)
         return tile.sort(dim=-1).values
     raise TexadError(f"FCA reference must be 'median' or 'random', got {kind!r}")
+
+
+def window_starts(size: int, patch_size: int, stride: int) -> list[int]:
+    """Starts of the in-image windows along one side: every ``stride``, the last one shifted
+    inward so that it ends at the border (``border="valid"``)."""
+    last = size - patch_size
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
 
 
 def _order_keys(x: torch.Tensor) -> torch.Tensor:
@@ -115,13 +139,16 @@ class FCA(nn.Module):
         normalize: ``"minmax"`` scales each channel of each image to [0, 1] first; None leaves the
             features as they are (for VAE residuals, as the official blind code does).
         seed: seed of the random reference.
+        border: ``"valid"`` (in-image windows only, weighted mean of the shares a pixel receives) or
+            ``"official"`` (reflect-padded map, every pixel a patch centre, weighted sum); see the
+            module docstring.
 
     Higher is more anomalous. Not differentiable (ranks); runs under ``torch.no_grad``.
     """
 
     def __init__(self, patch_size: int = 9, stride: int = 1, sigma_p: float = 3.0, blur_kernel: int | None = 5,
                  sigma_s: float | None = 1.0, reference: str = "median", chunk_rows: int = 8,
-                 normalize: str | None = "minmax", seed: int = 0):
+                 normalize: str | None = "minmax", seed: int = 0, border: str = "valid"):
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
             raise TexadError(f"FCA patch_size must be a positive odd integer, got {patch_size}")
@@ -139,6 +166,8 @@ class FCA(nn.Module):
             raise TexadError(f"FCA normalize must be 'minmax' or None, got {normalize!r}")
         if chunk_rows <= 0:
             raise TexadError(f"FCA chunk_rows must be positive, got {chunk_rows}")
+        if border not in BORDERS:
+            raise TexadError(f"FCA border must be one of {list(BORDERS)}, got {border!r}")
         self.patch_size = patch_size
         self.stride = stride
         self.sigma_p = sigma_p
@@ -148,7 +177,9 @@ class FCA(nn.Module):
         self.chunk_rows = chunk_rows
         self.normalize = normalize
         self.seed = seed
+        self.border = border
         g = gaussian_kernel_1d(patch_size, sigma_p)
+        self.register_buffer("weight_1d", g, persistent=False)  # float64
         weight = torch.outer(g, g).reshape(-1)
         # Blur inside the patch, then weight by the Gaussian: one linear map per patch.
         patch_map = weight[:, None] * _patch_blur_matrix(patch_size, blur_kernel, sigma_s)
@@ -157,7 +188,7 @@ class FCA(nn.Module):
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch_size}, stride={self.stride}, sigma_p={self.sigma_p}, "
                 f"blur_kernel={self.blur_kernel}, sigma_s={self.sigma_s}, reference={self.reference!r}, "
-                f"chunk_rows={self.chunk_rows}, normalize={self.normalize!r}")
+                f"chunk_rows={self.chunk_rows}, normalize={self.normalize!r}, border={self.border!r}")
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -175,23 +206,67 @@ class FCA(nn.Module):
 
     def _score_image(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """(C, H, W) -> (H, W)."""
+        reference = patch_reference(x, self.patch_size, self.reference, generator)  # (C, t²), sorted
+        if self.border == "official":
+            return self._score_reflect(x, reference)
+        return self._score_valid(x, reference)
+
+    @staticmethod
+    def _patches(shares: torch.Tensor, t: int, width: int, n_y: int, n_x: int, s: int) -> torch.Tensor:
+        """Each patch's t×t share map: patch (a, b), position (i, j) -> shares[i*t+j, a*s+i, b*s+j];
+        (t, t, n_y, n_x), a view of ``shares`` (t², rows, width)."""
+        hs = shares.shape[1]
+        return shares.as_strided((t, t, n_y, n_x), (t * hs * width + width, hs * width + 1, s * width, s))
+
+    def _score_reflect(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Official: reflect-pad by t//2, a patch every ``stride`` pixels from the corner, weighted sum."""
         t, s = self.patch_size, self.stride
         pad = t // 2
         _, h, w = x.shape
-        reference = patch_reference(x, t, self.reference, generator)  # (C, t²), sorted
         padded = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0]
-        wp = padded.shape[-1]
         # shares[k, y, x]: channel-mean share of padded pixel (y, x) in the patch where it sits at
         # in-patch position k = i*t + j, i.e. the patch starting at (y - i, x - j).
         shares = self._pixel_shares(padded, reference)
-        hs = shares.shape[1]  # >= padded height: whole chunks
-        # Gather each patch's t×t share map: patch (a, b), position (i, j) -> shares[i*t+j, a+i, b+j].
         n_y, n_x = (h - 1) // s + 1, (w - 1) // s + 1
-        per_patch = shares.as_strided(
-            (t, t, n_y, n_x), (t * hs * wp + wp, hs * wp + 1, s * wp, s)).reshape(t * t, n_y * n_x)
+        per_patch = self._patches(shares, t, padded.shape[-1], n_y, n_x, s).reshape(t * t, n_y * n_x)
         weighted = self.patch_map.to(per_patch) @ per_patch  # blur + Gaussian weight, (t², L)
         folded = F.fold(weighted[None], output_size=padded.shape[-2:], kernel_size=t, stride=s)
         return folded[0, 0, pad:pad + h, pad:pad + w]
+
+    def _score_valid(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """In-image windows only; each pixel gets the weighted mean of the shares it receives."""
+        t, s = self.patch_size, self.stride
+        _, h, w = x.shape
+        shares = self._pixel_shares(x, reference)
+        ys, xs = window_starts(h, t, s), window_starts(w, t, s)
+        n_y, n_x = h - t + 1, w - t + 1
+        per_patch = self._patches(shares, t, w, n_y, n_x, 1)  # every in-image window
+        if s > 1:
+            iy = torch.tensor(ys, device=x.device)
+            ix = torch.tensor(xs, device=x.device)
+            used = per_patch.index_select(2, iy).index_select(3, ix).reshape(t * t, -1)
+            weighted = self.patch_map.to(used) @ used
+            full = weighted.new_zeros(t * t, n_y, n_x)
+            full[:, iy[:, None], ix[None, :]] = weighted.reshape(t * t, len(ys), len(xs))
+            weighted = full.reshape(t * t, n_y * n_x)
+        else:
+            per_patch = per_patch.reshape(t * t, n_y * n_x)
+            weighted = self.patch_map.to(per_patch) @ per_patch
+        folded = F.fold(weighted[None], output_size=(h, w), kernel_size=t, stride=1)[0, 0]
+        # The Gaussian weight a pixel receives is separable: (weights along y) x (weights along x).
+        g = self.weight_1d.to(folded)
+        received = self._received(h, ys, g)[:, None] * self._received(w, xs, g)[None, :]
+        # a stride above t leaves pixels in no window: they score 0, as in the official code
+        return folded / received.clamp_min(torch.finfo(folded.dtype).tiny)
+
+    @staticmethod
+    def _received(size: int, starts: list[int], g: torch.Tensor) -> torch.Tensor:
+        """Sum over windows starting at ``starts`` of g at each pixel's position in them: (size,)."""
+        t = len(g)
+        total = g.new_zeros(size)
+        for a in starts:
+            total[a:a + t] += g
+        return total
 
     def _pixel_shares(self, padded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """(t², Hp', Wp) with Hp' >= Hp: channel-mean share of every padded pixel at every in-patch

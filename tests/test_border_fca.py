@@ -1,0 +1,47 @@
+"""Border test (issue 12) for FCA and blind VAE: on normal images of an embedded set, the default map's
+border ring (texad.metrics.border.ring_ratio) stays within 0.90-1.10 of the interior, while the
+official behaviour (one documented option set per method) does not, so the test can fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose_cfg
+from texad.data.batch import Batch
+from texad.metrics.border import ring_ratio
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 128² embedded images, backbone input 256² (the default's 2x resize of a 256² image scaled down)
+TINY_SET = ["dataset=textures/gravel", "dataset.generated_size=128", "dataset.image_size=128", "dataset.n_train=6",
+            "dataset.n_test_good=2", "dataset.n_per_type=1", "dataset.val_fraction=0", "logger=none",
+            "method.feature_input_size=256"]
+BOUNDS = (0.90, 1.10)
+
+
+def _method_and_normals(method: str, tmp_path: Path, **overrides):
+    cfg = compose_cfg("train", [f"method={method}", *TINY_SET], tmp_path / "run")
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    datamodule.setup("fit")
+    backbone = instantiate(cfg.backbone, _convert_="all")
+    train = datamodule.train_dataset()
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+    batch = Batch(image=images, label=torch.zeros(len(images), dtype=torch.long), path=[str(i) for i in range(len(images))],
+                  defect_type=["good"] * len(images))
+    return instantiate(cfg.method, backbone=backbone, _convert_="all", **overrides), batch
+
+
+def test_fca_default_has_no_border_ring_and_the_official_option_has_one(tmp_path):
+    # Measured (6 training normals of embedded gravel at 128², 64² feature map): default 0.99,
+    # official (input_padding=0, border=official) 1.66; grass 0.95 vs 1.59.
+    ratios = {}
+    for name, overrides in {"default": {}, "official": {"input_padding": 0, "border": "official"}}.items():
+        method, batch = _method_and_normals("fca", tmp_path, **overrides)
+        with torch.inference_mode():
+            ratios[name] = ring_ratio(method.eval().predict_maps(batch)["anomaly_map"])
+    assert BOUNDS[0] <= ratios["default"] <= BOUNDS[1], ratios
+    assert not BOUNDS[0] <= ratios["official"] <= BOUNDS[1], ratios
