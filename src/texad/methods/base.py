@@ -19,6 +19,21 @@ from texad.metrics.border import ratio_of_sums, ring_sums
 BACKBONE_PREFIX = "model.backbone."
 
 
+def auroc_per_type(scored: list[tuple[float, str]], normal: str = "good") -> dict[str, float]:
+    """Image AUROC of the normal images against each defect type alone (which defects a method misses)."""
+    from texad.metrics.functional import roc_auc
+
+    good = [s for s, t in scored if t == normal]
+    types = sorted({t for _, t in scored if t != normal})
+    if not good or not types:
+        return {}
+    out = {}
+    for kind in types:
+        bad = [s for s, t in scored if t == kind]
+        out[kind] = roc_auc(torch.tensor(good + bad, dtype=torch.float64), torch.tensor([0] * len(good) + [1] * len(bad)))
+    return out
+
+
 class AnomalyModule(L.LightningModule):
     """Base LightningModule: evaluation loop, metrics, checkpoints without frozen backbone weights."""
 
@@ -40,6 +55,7 @@ class AnomalyModule(L.LightningModule):
         self.results: dict[str, dict[str, float | None]] = {}
         self.per_image_results: dict[str, dict[str, Any]] = {}  # stage → key → (N,) array
         self._ring: dict[str, torch.Tensor] = {}  # stage → accumulated ring_sums of normal images
+        self._typed_scores: dict[str, list[tuple[float, str]]] = {}  # stage → (image score, defect type)
 
     # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
     def prepare_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> bool:
@@ -61,6 +77,7 @@ class AnomalyModule(L.LightningModule):
             self.metrics[f"{stage}_pixel"].update(amap.cpu(), batch.mask[:, 0].cpu())
         if (batch.label >= 0).all():
             self.metrics[f"{stage}_image"].update(score.cpu(), batch.label.cpu())
+            self._typed_scores.setdefault(stage, []).extend(zip(score.cpu().tolist(), batch.defect_type))
             normal = batch.label.cpu() == 0
             if normal.any() and min(amap.shape[-2:]) > 2:
                 sums = ring_sums(amap.cpu()[normal])
@@ -102,8 +119,11 @@ class AnomalyModule(L.LightningModule):
         ring = self._ring.pop(stage, None)
         res["ring_ratio"] = None if ring is None else ratio_of_sums(ring)
         self.results[stage] = res
+        per_type = auroc_per_type(self._typed_scores.pop(stage, []))
+        if per_type:
+            self.results[stage]["image_auroc_per_type"] = per_type
         for key, v in res.items():
-            if v is not None:
+            if isinstance(v, float):
                 # every rank logs (the metric states are synced in compute, so the values agree):
                 # callbacks that monitor a validation metric run on every rank
                 self.log(f"{stage}/{key}", v, sync_dist=False)
