@@ -14,6 +14,7 @@ from texad.data import superpixels as sp
 from texad.data.superpixels import (
     SuperpixelCache,
     build_mosaic,
+    guard_corner,
     inverse_mosaic,
     mosaic_layout,
     slic_labels,
@@ -180,6 +181,45 @@ def test_mosaic_rejects_an_unknown_fill():
     labels, _, _ = _paper_layout_with_free_area()
     with pytest.raises(TexadError, match="mosaic_fill"):
         build_mosaic(smooth_image(50, 70), labels, fill="mirror")
+
+
+@pytest.mark.parametrize(("height", "width", "region_size", "guard"), [(128, 128, 10, 32), (128, 128, 35, 32), (96, 160, 12, 20)])
+def test_guard_corner_keeps_real_tiles_out_of_the_corner_and_the_inverse_exact(height, width, region_size, guard):
+    labels = slic_labels(smooth_image(height, width), region_size)
+    guarded = guard_corner(labels, guard)
+    n = labels.max() + 1
+    # a relabelling: one id per superpixel, same pixels
+    assert len(np.unique(guarded)) == n
+    assert np.array_equal(np.unique(guarded[labels == 0]), [guarded[labels == 0][0]])
+    layout = mosaic_layout(guarded, free_slots=True)
+    real = layout.rects[:, 2] > 0
+    assert real.sum() == n and real[-1]  # the last id is real, so max id + 1 is the slot count
+    assert layout.tile_side == tile_grid(height, width, layout.count)[0]
+    starts_in_guard = (layout.tiles[:, 0] < guard) & (layout.tiles[:, 1] < guard)
+    assert starts_in_guard.any() and not (starts_in_guard & real).any()
+    # slot k filled with value k comes back as the guarded label map (exact geometry)
+    slot_map = np.full((height, width), -1.0, np.float32)
+    for index, (ty, tx) in enumerate(layout.tiles):
+        slot_map[ty : ty + layout.tile_side, tx : tx + layout.tile_side] = index
+    back = inverse_mosaic(torch.from_numpy(slot_map)[None], torch.from_numpy(guarded)[None])[0]
+    torch.testing.assert_close(back, torch.from_numpy(guarded).float(), rtol=0, atol=1e-3)
+    # the mosaic's guard square holds copies of real tiles, not black, with fill="reflect"
+    image = smooth_image(height, width) // 2 + 64
+    mosaic = build_mosaic(image, guarded, fill="reflect")
+    assert mosaic[:guard, :guard].min() >= 64 - 8
+    assert build_mosaic(image, guarded, fill="zeros")[: layout.tile_side, : layout.tile_side].max() == 0
+
+
+def test_guard_zero_or_too_few_superpixels_keeps_the_papers_layout():
+    labels = slic_labels(smooth_image(96, 96), 12)
+    assert guard_corner(labels, 0) is labels
+    one = np.zeros((64, 64), np.int32)  # one superpixel cannot leave the corner slot's row
+    assert np.array_equal(guard_corner(one, 32), one)
+    two = np.zeros((64, 64), np.int32)
+    two[:, 32:] = 1  # two superpixels: 2x2 slots of 32, slot 0 free, ids 1 and 2
+    assert np.array_equal(guard_corner(two, 32), two + 1)
+    with pytest.raises(TexadError, match="contiguous"):
+        mosaic_layout(guard_corner(labels, 24))  # free ids need free_slots=True
 
 
 def test_mosaic_keeps_dtype_and_grayscale_shape():

@@ -20,14 +20,15 @@ import torch
 
 from texad.data.images import to_tensor
 from texad.errors import TexadError
-from texad.data.superpixels import MOSAIC_FILLS, SuperpixelCache, build_mosaic, slic_labels
+from texad.data.superpixels import MOSAIC_FILLS, SuperpixelCache, build_mosaic, guard_corner, slic_labels
 
 #: superpixel-view settings when the config gives none: OpenCV's SLIC defaults with connectivity
-#: enforced, and the mosaic's fill of its free area (`build_mosaic`; "zeros" is the paper's).
-#: The whole dict is part of the trained-view cache key (`method.slic` in conf/method/spcfa.yaml).
-DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25, "mosaic_fill": "reflect"}
+#: enforced, the mosaic's fill of its free area (`build_mosaic`; "zeros" is the paper's) and the
+#: side in pixels of the mosaic's top-left square kept free of real tiles (`guard_corner`; 0 is the
+#: paper's layout). The whole dict is part of the trained-view cache key (`method.slic`).
+DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25, "mosaic_fill": "reflect", "mosaic_guard": 0}
 #: keys of DEFAULT_SLIC that shape the mosaic, not the SLIC labels (kept out of the label cache key)
-MOSAIC_KEYS = ("mosaic_fill",)
+MOSAIC_KEYS = ("mosaic_fill", "mosaic_guard")
 
 
 class SuperpixelViews:
@@ -54,6 +55,10 @@ class SuperpixelViews:
             )
         self.slic = {k: v for k, v in settings.items() if k not in MOSAIC_KEYS}  # SLIC's own arguments
         self.mosaic_fill = str(settings["mosaic_fill"])
+        guard = settings["mosaic_guard"]
+        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+            raise TexadError(f"method.slic.mosaic_guard must be an int >= 0 (pixels), got {guard!r}")
+        self.mosaic_guard = guard
         self._cache: SuperpixelCache | None = None  # opened lazily, once per worker process
 
     def __getstate__(self) -> dict[str, Any]:
@@ -71,7 +76,7 @@ class SuperpixelViews:
     ) -> dict[str, torch.Tensor]:
         labels, mosaics = [], []
         for rs in self.region_sizes:
-            lab = self.labels(image, path, rs)
+            lab = guard_corner(self.labels(image, path, rs), self.mosaic_guard)  # label id = tile slot
             labels.append(torch.from_numpy(lab.astype(np.int64)))
             mosaics.append(to_tensor(build_mosaic(image, lab, self.mosaic_fill), mean, std))
         return {"superpixels": torch.stack(labels), "mosaics": torch.stack(mosaics)}
@@ -79,5 +84,5 @@ class SuperpixelViews:
     def __repr__(self) -> str:
         return (
             f"SuperpixelViews(region_sizes={self.region_sizes}, slic={self.slic}, "
-            f"mosaic_fill={self.mosaic_fill!r}, cache_dir={self.cache_dir!r})"
+            f"mosaic_fill={self.mosaic_fill!r}, mosaic_guard={self.mosaic_guard}, cache_dir={self.cache_dir!r})"
         )

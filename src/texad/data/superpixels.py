@@ -57,6 +57,7 @@ __all__ = [
     "MosaicLayout",
     "SuperpixelCache",
     "build_mosaic",
+    "guard_corner",
     "inverse_mosaic",
     "mosaic_layout",
     "slic_labels",
@@ -151,6 +152,43 @@ def tile_grid(height: int, width: int, count: int) -> tuple[int, int]:
     return side, width // side
 
 
+def guard_corner(labels: np.ndarray, guard: int) -> np.ndarray:
+    """Relabel contiguous superpixels so no real tile lies in the mosaic's top-left guard×guard px.
+
+    The mosaic's corner is where the backbone's own border artifact sits (hot in every view, in
+    mosaic coordinates: with the tile order reversed the hot spot follows the corner, not
+    superpixel 0). Label ids are slot indices, so the ids of the slots whose tile would start inside
+    the guard square are left unused (free slots, `mosaic_layout(free_slots=True)`), and superpixel
+    j takes the j-th remaining slot. The tile side follows from the new count (max id + 1) by
+    `tile_grid`, exactly as the inverse recomputes it; the side is iterated to its fixed point (it
+    can only shrink, so this ends). ``guard`` 0, or too few superpixels to fill the guarded rows,
+    returns the labels unchanged (the paper's layout).
+    """
+    labels = _check_labels(labels)
+    if guard <= 0:
+        return labels
+    height, width = labels.shape
+    n = int(labels.max()) + 1
+    side = tile_grid(height, width, n)[0]
+    while True:
+        columns, rows = width // side, height // side
+        k_r, k_c = min(-(-guard // side), rows), min(-(-guard // side), columns)
+        count = n + k_r * k_c
+        if count > height * width:
+            return labels
+        new_side = tile_grid(height, width, count)[0]
+        if new_side == side:
+            break
+        side = new_side
+    slots = np.arange(rows * columns).reshape(rows, columns)
+    guarded = np.zeros_like(slots, dtype=bool)
+    guarded[:k_r, :k_c] = True
+    real = slots[~guarded]
+    if n <= k_r * (columns - k_c):  # the last id would be a guard slot: count would not hold
+        return labels
+    return real[:n][labels].astype(labels.dtype)
+
+
 @dataclass(frozen=True)
 class MosaicLayout:
     """Where each superpixel comes from and where its tile goes.
@@ -180,8 +218,14 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def mosaic_layout(labels: np.ndarray) -> MosaicLayout:
-    """Bounding rectangles and tile slots of contiguous labels 0..n-1 (as from slic_labels)."""
+def mosaic_layout(labels: np.ndarray, free_slots: bool = False) -> MosaicLayout:
+    """Bounding rectangles and tile slots of labels 0..n-1: label i goes to slot i.
+
+    Labels from `slic_labels` are contiguous. With ``free_slots`` an id without pixels is allowed
+    and marks a free slot (no tile; its rectangle is (0, 0, 0, 0)): `guard_corner` uses this to keep
+    the mosaic's top-left corner free of real tiles. The inverse needs nothing extra, since it
+    reads slot i only for the pixels of label i.
+    """
     labels = _check_labels(labels)
     height, width = labels.shape
     flat = labels.ravel().astype(np.int64)
@@ -189,21 +233,23 @@ def mosaic_layout(labels: np.ndarray) -> MosaicLayout:
         raise TexadError(f"superpixel labels must be >= 0, got minimum {flat.min()}")
     count = int(flat.max()) + 1
     sizes = np.bincount(flat, minlength=count)
-    if (sizes == 0).any():
-        missing = np.flatnonzero(sizes == 0)[:5].tolist()
+    present = sizes > 0
+    if not free_slots and not present.all():
+        missing = np.flatnonzero(~present)[:5].tolist()
         raise TexadError(
             f"superpixel labels must be contiguous 0..{count - 1}; missing e.g. {missing}"
         )
 
     # Group pixel coordinates by label, then reduce each group to its min / max.
     order = np.argsort(flat, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))[present]
     ys, xs = np.divmod(order, width)
+    rects = np.zeros((count, 4), np.int64)
     y0 = np.minimum.reduceat(ys, starts)
     y1 = np.maximum.reduceat(ys, starts)
     x0 = np.minimum.reduceat(xs, starts)
     x1 = np.maximum.reduceat(xs, starts)
-    rects = np.stack([y0, x0, y1 - y0 + 1, x1 - x0 + 1], axis=1).astype(np.int64)
+    rects[present] = np.stack([y0, x0, y1 - y0 + 1, x1 - x0 + 1], axis=1)
 
     side, columns = tile_grid(height, width, count)
     slot = np.arange(count)
@@ -238,11 +284,13 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
         raise TexadError(
             f"labels shape {labels.shape} does not match image size {image.shape[:2]}"
         )
-    layout = mosaic_layout(labels)
+    layout = mosaic_layout(labels, free_slots=True)
     side = layout.tile_side
     mosaic = np.zeros_like(image)
     tiles = []
     for (y0, x0, h, w), (ty, tx) in zip(layout.rects.tolist(), layout.tiles.tolist()):
+        if h == 0:  # a free slot (guard_corner): filled below
+            continue
         rect = image[y0 : y0 + h, x0 : x0 + w]
         tile = cv2.resize(rect, (side, side), interpolation=cv2.INTER_CUBIC)
         target = mosaic[ty : ty + side, tx : tx + side]
@@ -251,9 +299,10 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
     if fill == "zeros":
         return mosaic
     rows, columns = layout.height // side, layout.columns
-    for slot in range(layout.count, rows * columns):  # free slots: tiles 0, 1, 2, ... again
+    free = [i for i in range(layout.count) if layout.rects[i, 2] == 0] + list(range(layout.count, rows * columns))
+    for k, slot in enumerate(free):  # free slots: the real tiles 0, 1, 2, ... again
         ty, tx = (slot // columns) * side, (slot % columns) * side
-        mosaic[ty : ty + side, tx : tx + side] = tiles[(slot - layout.count) % layout.count]
+        mosaic[ty : ty + side, tx : tx + side] = tiles[k % len(tiles)]
     grid_h, grid_w = rows * side, columns * side
     if (grid_h, grid_w) != (layout.height, layout.width):  # strips: mirror the tile grid
         grid = np.ascontiguousarray(mosaic[:grid_h, :grid_w])
@@ -272,7 +321,8 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
 def inverse_mosaic(mosaic_map: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Bring a map computed on the mosaic back to original image coordinates.
 
-    ``mosaic_map`` is (B,H,W) or (B,C,H,W) float, ``labels`` (B,H,W) contiguous per image.
+    ``mosaic_map`` is (B,H,W) or (B,C,H,W) float, ``labels`` (B,H,W): label i is slot i (ids
+    without pixels are free slots, see `guard_corner`; the count is max id + 1 per image).
     Every pixel (y, x) of superpixel i reads tile i where the forward resize put it: with
     rectangle (y0, x0, h, w) and tile side s, inside-tile column ``(x - x0 + 0.5) * s / w - 0.5``
     (the half-pixel convention of cv2.resize), clamped to the tile so neighbours never bleed in,
