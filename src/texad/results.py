@@ -37,6 +37,7 @@ import json
 import math
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def load_table(path: str | Path) -> dict[str, Any]:
         table = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise TexadError(f"results table {str(path)!r} is not valid YAML: {err}") from err
-    if not isinstance(table.get("methods"), dict) or not table["methods"]:
+    if not isinstance(table, dict) or not isinstance(table.get("methods"), dict) or not table["methods"]:
         raise TexadError(f"results table {str(path)!r} needs a 'methods' mapping (name: {{overrides: [...]}})")
     return table
 
@@ -121,6 +122,8 @@ def method_entries(table: dict[str, Any], wanted: Sequence[str] | None) -> tuple
         if spec is None and wanted:
             spec = {}  # a method not in the table runs with its defaults
         spec = spec or {}
+        if not isinstance(spec, dict):
+            raise TexadError(f"results table: method {name!r} needs a mapping (overrides: [...], evaluate: [...], table: ...)")
         if not (ROOT / "conf" / "method" / f"{name}.yaml").is_file():
             skipped.append(f"skipped method {name}: conf/method/{name}.yaml does not exist")
             continue
@@ -498,8 +501,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends the command like Ctrl-C: subprocess.run then kills the run in progress (no orphan)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     command = " ".join(["python -m texad.results", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
     try:
         plan = make_plan(args)
