@@ -7,11 +7,13 @@ import pickle
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY, compose_cfg, run_entry
 from texad.data.superpixel_views import SuperpixelViews
 from texad.data.superpixels import SuperpixelCache, slic_labels
+from texad.errors import TexadError
 from texad.pipeline import build
 
 SPCFA_TINY = [*TINY, "method=spcfa", "method.epochs=1", "dataset.num_workers=0"]
@@ -116,3 +118,75 @@ def test_region_size_sweep_reuses_the_shared_views(tmp_path):
     assert _view_cache(sweep / "0")["heads"] == {"org": "trained", "small": "trained"}
     assert _view_cache(sweep / "1")["heads"] == {"org": "hit", "small": "hit", "big": "trained"}
     assert (sweep / "1" / "metrics.json").is_file()
+
+
+# Table II of Rafiei et al. 2024 as printed: (α1, α2, α3, rs_s, rs_b); rs_b None = "-".
+TABLE_II = {
+    "mvtec_carpet": (0.25, 0.0, 0.75, 10, None),
+    "mvtec_grid": (0.1, 0.1, 0.8, 10, 35),
+    "mvtec_leather": (0.1, 0.0, 0.9, 15, None),
+    "mvtec_tile": (0.15, 0.2, 0.65, 10, 30),
+    "mvtec_wood": (0.15, 0.1, 0.75, 10, 40),
+    "ksdd2": (0.1, 0.35, 0.55, 10, 30),
+    "xray": (0.25, 0.35, 0.4, 20, 40),
+}
+
+
+def test_table_ii_experiments_give_alpha3_to_the_small_view(tmp_path):
+    """α3 weights the small view (rs_s) and α2 the big one: the only reading under which Table II's
+    single-view rows (rs_b "-", α2 = 0) weight a view that exists. texad's order is [α_org, α_small, α_big]."""
+    for name, (a1, a2, a3, rs_s, rs_b) in TABLE_II.items():
+        cfg = compose_cfg("train", [f"experiment=spcfa/{name}", "paths.data_root=/nonexistent"], tmp_path / name)
+        assert list(cfg.method.region_sizes) == [rs_s, rs_b], name
+        assert [float(a) for a in cfg.method.alpha] == [a1, a3, a2], name
+        assert cfg.method.name == "spcfa" and list(cfg.method.loss_weights) == [1.0, 1.0, 1.0]
+    # the default (chosen on validation) is a point of the simplex with both views on
+    cfg = compose_cfg("train", ["method=spcfa"], tmp_path / "default")
+    alpha = [float(a) for a in cfg.method.alpha]
+    assert cfg.method.region_sizes[0] < cfg.method.region_sizes[1] and abs(sum(alpha) - 1.0) < 1e-9
+
+
+def test_mosaic_fill_reaches_the_views_and_the_view_key(tmp_path):
+    """method.slic.mosaic_fill builds the mosaic; the trained-view key changes with it; zeros is the paper's."""
+    keys, mosaics = {}, {}
+    for fill in ("reflect", "zeros"):
+        cfg = compose_cfg("train", [*SPCFA_TINY, "method.region_sizes=[8,null]", "method.alpha=[0.5,0.5,0.0]",
+                                    f"method.slic.mosaic_fill={fill}"], tmp_path / fill)
+        datamodule, method = build(cfg)
+        assert datamodule.views.mosaic_fill == fill and "mosaic_fill" not in datamodule.views.slic
+        keys[fill] = method.view_keys["small"]
+        assert method.view_keys["org"]  # the original view does not depend on the fill ...
+        keys[fill + "_org"] = method.view_keys["org"]
+        datamodule.setup("fit")
+        mosaics[fill] = datamodule.train_dataset()[0]["mosaics"][0]
+    assert keys["reflect"] != keys["zeros"] and keys["reflect_org"] == keys["zeros_org"]
+    # the paper's mosaic has a black free area (normalised: -mean/std); reflect leaves none of it
+    black = mosaics["zeros"] == mosaics["zeros"].min()
+    assert black.float().mean() > 0.01 and not torch.equal(mosaics["reflect"][black], mosaics["zeros"][black])
+    bad = compose_cfg("train", [*SPCFA_TINY, "method.slic.mosaic_fill=mirror"], tmp_path / "bad")
+    with pytest.raises(TexadError, match="mosaic_fill"):
+        build(bad)
+
+
+def test_superpixel_views_guard_the_mosaic_corner_in_the_labels_they_return(tmp_path):
+    """With method.slic.mosaic_guard the batch labels are slot ids (guard_corner), so the model's
+    inverse (which only sees labels) reads each superpixel from where the mosaic put it."""
+    from texad.data.superpixels import guard_corner, inverse_mosaic
+
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur((rng.random((64, 64, 3)) * 255).astype(np.uint8), (0, 0), 3)
+    plain = SuperpixelViews([8], None)(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
+    guarded = SuperpixelViews([8], None, {"mosaic_guard": 16})(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
+    labels = slic_labels(image, 8)
+    assert torch.equal(plain["superpixels"][0], torch.from_numpy(labels).long())
+    assert torch.equal(guarded["superpixels"][0], torch.from_numpy(guard_corner(labels, 16)).long())
+    # both mosaics carried back give the image (up to resampling), superpixel by superpixel
+    for item in (plain, guarded):
+        back = inverse_mosaic(item["mosaics"][:, 0], item["superpixels"])[0]  # mean 0, std 1/255: pixel units
+        assert (back - torch.from_numpy(image[..., 0]).float()).abs().mean() < 2.0
+    with pytest.raises(TexadError, match="mosaic_guard"):
+        SuperpixelViews([8], None, {"mosaic_guard": -1})
+    with pytest.raises(TexadError, match="unknown keys"):
+        SuperpixelViews([8], None, {"rular": 10})
