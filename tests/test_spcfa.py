@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY, compose_cfg, run_entry
 from texad.data.superpixel_views import SuperpixelViews
-from texad.data.superpixels import SuperpixelCache, slic_labels
+from texad.data.superpixels import SuperpixelCache, guard_corner, slic_labels
 from texad.errors import TexadError
 from texad.pipeline import build
 
@@ -48,7 +48,9 @@ def test_mosaic_views_reach_the_model_and_null_views_are_not_computed(tmp_path):
     synthetic = max(val.synthetic)
     image = val.load(synthetic)[0]
     item = val[synthetic]
-    assert torch.equal(item["superpixels"][0], torch.from_numpy(slic_labels(image, 8, **datamodule.views.slic)).long())
+    expected = guard_corner(slic_labels(image, 8, **datamodule.views.slic), datamodule.views.mosaic_guard)
+    assert datamodule.views.mosaic_guard == 32  # the default: label ids are mosaic slots
+    assert torch.equal(item["superpixels"][0], torch.from_numpy(expected).long())
 
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -171,13 +173,13 @@ def test_mosaic_fill_reaches_the_views_and_the_view_key(tmp_path):
 def test_superpixel_views_guard_the_mosaic_corner_in_the_labels_they_return(tmp_path):
     """With method.slic.mosaic_guard the batch labels are slot ids (guard_corner), so the model's
     inverse (which only sees labels) reads each superpixel from where the mosaic put it."""
-    from texad.data.superpixels import guard_corner, inverse_mosaic
+    from texad.data.superpixels import inverse_mosaic
 
     import cv2
 
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur((rng.random((64, 64, 3)) * 255).astype(np.uint8), (0, 0), 3)
-    plain = SuperpixelViews([8], None)(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
+    plain = SuperpixelViews([8], None, {"mosaic_guard": 0})(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
     guarded = SuperpixelViews([8], None, {"mosaic_guard": 16})(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
     labels = slic_labels(image, 8)
     assert torch.equal(plain["superpixels"][0], torch.from_numpy(labels).long())

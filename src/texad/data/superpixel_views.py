@@ -25,8 +25,9 @@ from texad.data.superpixels import MOSAIC_FILLS, SuperpixelCache, build_mosaic, 
 #: superpixel-view settings when the config gives none: OpenCV's SLIC defaults with connectivity
 #: enforced, the mosaic's fill of its free area (`build_mosaic`; "zeros" is the paper's) and the
 #: side in pixels of the mosaic's top-left square kept free of real tiles (`guard_corner`; 0 is the
-#: paper's layout). The whole dict is part of the trained-view cache key (`method.slic`).
-DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25, "mosaic_fill": "reflect", "mosaic_guard": 0}
+#: paper's layout); method.slic.mosaic_fill=zeros method.slic.mosaic_guard=0 is the paper's mosaic.
+#: The whole dict is part of the trained-view cache key (`method.slic`).
+DEFAULT_SLIC = {"ruler": 10.0, "iterations": 10, "min_element_size": 25, "mosaic_fill": "reflect", "mosaic_guard": 32}
 #: keys of DEFAULT_SLIC that shape the mosaic, not the SLIC labels (kept out of the label cache key)
 MOSAIC_KEYS = ("mosaic_fill", "mosaic_guard")
 

@@ -30,6 +30,12 @@ What the grid leaves free (the slots after the last tile, and the right and bott
   texture tiles. The inverse never reads these pixels, so the fill only changes what the
   backbone, the memory bank and the training loss see next to (and instead of) a black block.
 
+The mosaic's top-left corner is hot in every view (the backbone's own corner artifact, in mosaic
+coordinates: with the tile order reversed on gravel the hot spot followed the corner, not
+superpixel 0). :func:`guard_corner` (texad's default, 32 px) relabels the superpixels so that label
+ids are slot indices and the slots of that corner square stay free; the inverse only needs the
+labels, so it is unchanged. Guard 0 and fill "zeros" give the paper's mosaic.
+
 SLIC and :func:`build_mosaic` use numpy and OpenCV only, so they run in DataLoader workers;
 :func:`inverse_mosaic` is batched torch on any device.
 """
