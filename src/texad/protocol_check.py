@@ -131,6 +131,7 @@ def check_cfa(
     rows = []
     for epoch in sorted(snaps.states):
         method.model.heads.load_state_dict(snaps.states[epoch])
+        method._calibrate()  # a calibrated method (method.calibration=location) calibrates these heads
         for rule in scores:
             method.model.heads["org"].scorer = SCORERS[rule]
             splits = {s: split_maps(method, getattr(datamodule, f"{s}_dataloader")()) for s in ("val", "test")}

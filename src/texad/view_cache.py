@@ -33,7 +33,7 @@ _DATASET_IGNORED = ("eval_batch_size", "num_workers", "_convert_")
 #: method keys that decide one trained view (α, blur and the other views' settings do not)
 _TRAINING_KEYS = (
     "_target_", "epochs", "k", "j", "r0", "loss_alpha", "nu", "gamma_c", "gamma_d", "lr", "weight_decay",
-    "amsgrad", "pool", "score", "input_padding", "input_padding_mode",
+    "amsgrad", "pool", "score", "input_padding", "input_padding_mode", "calibration",
 )
 #: trainer keys that change the optimisation
 _TRAINER_KEYS = (

@@ -72,6 +72,7 @@ class CFA(AnomalyModule):
         input_padding_mode: str = "reflect",
         image_score: str = "max",
         image_score_fraction: float = 0.01,
+        calibration: str = "none",
     ) -> None:
         super().__init__()
         region_sizes = [None if r is None else int(r) for r in region_sizes]
@@ -95,6 +96,7 @@ class CFA(AnomalyModule):
             score=score,
             input_padding=input_padding,
             input_padding_mode=input_padding_mode,
+            calibration=calibration,
         )
         image_score_of(torch.zeros(1, 4), image_score, image_score_fraction)  # check the keys now, not at test
         self.view_keys: dict[str, str] = {}  # view name → cache key (set by attach_views)
@@ -232,6 +234,28 @@ class CFA(AnomalyModule):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
+    def _calibrate(self) -> None:
+        """Per-location calibration of the "org" view on the training normals, for the heads as they are now."""
+        if self.model.calibration != "location":
+            return
+        head = self.model.heads["org"]
+        loader = self.trainer.datamodule.fit_statistics_dataloader()
+
+        def batches():
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch, self.device)
+                yield self._train_feats(batch, ["org"])["org"]
+
+        head.calibrate(batches())
+
+    def on_validation_epoch_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._calibrate()  # heads moved since the last validation: validation sees calibrated maps
+        self._start_split("val")
+
+    def on_fit_end(self) -> None:
+        self._calibrate()  # the last epoch's heads (a selected epoch's come with its checkpoint)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         trainable = [v for v in self.model.view_names if v not in self.frozen_views]
         loss, parts = self.model.loss(self._train_feats(batch, trainable))
@@ -287,9 +311,6 @@ class CFA(AnomalyModule):
             out["masks"] = torch.cat(out["masks"]) if out["masks"] and out["masks"][0] is not None else None
             out["labels"] = torch.cat(out["labels"])
         self._split = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_split("val")
 
     def on_test_epoch_start(self) -> None:
         self._start_split("test")

@@ -22,6 +22,9 @@ from texad.methods.cfa.scorer import SCORERS
 from texad.ops import gaussian_blur2d
 
 VIEWS = ("org", "small", "big")
+#: none (official) | location: scores divided by their per-location level on training normals ("org" view
+#: only: a mosaic's locations hold other image parts in every image)
+CALIBRATIONS = ("none", "location")
 
 
 class CFAHead(nn.Module):
@@ -39,6 +42,15 @@ class CFAHead(nn.Module):
         self.bank = MemoryBank()
         self.loss_fn = CoupledHypersphereLoss(k=k, j=j, r0=r0, alpha=alpha, nu=nu)
         self.k, self.j, self.budget_mb = k, j, budget_mb
+        # (h, w) per-location scale of the patch scores on the training normals (empty: none), see calibrate
+        self.register_buffer("location_scale", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Adopt the saved calibration's shape (the empty placeholder cannot hold it)."""
+        key = prefix + "location_scale"
+        if key in state_dict:
+            self.location_scale = torch.empty_like(state_dict[key], device=self.location_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _patches(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         phi = self.descriptor(features)
@@ -54,7 +66,31 @@ class CFAHead(nn.Module):
         """(B,h,w) patch scores (`method.score`: softmin-weighted or plain nearest distance) at feature resolution."""
         patches, (b, h, w) = self._patches(features)
         sq, _ = nearest_sq_distances(patches, self.bank.centroids, self.k, self.budget_mb)
-        return self.scorer(sq).view(b, h, w)
+        scores = self.scorer(sq).view(b, h, w)
+        if self.location_scale.numel() and self.location_scale.shape == (h, w):
+            scores = scores / self.location_scale
+        return scores
+
+    @torch.no_grad()
+    def calibrate(self, feature_batches) -> None:
+        """Per-location score scale from normal training features: the mean score at each location
+        over the images, divided by its mean over locations (so the scale of the map is kept).
+
+        Why: with one centroid per location, a location whose features vary more from image to image
+        (border cells, whose receptive field is half mirrored or zero padding, and corners above all)
+        scores higher on every normal image; dividing by its own normal level removes that bias, for
+        any cause. Scores of the images that built the bank are a little low everywhere alike.
+        """
+        self.location_scale = torch.empty(0, device=self.location_scale.device)
+        total, n = None, 0
+        for features in feature_batches:
+            s = self.score(features)
+            total = s.sum(0) if total is None else total + s.sum(0)
+            n += s.shape[0]
+        if total is None:
+            return
+        mean = total / n
+        self.location_scale = (mean / mean.mean()).clamp_min(1e-6)
 
 
 class CFAModel(nn.Module):
@@ -79,8 +115,12 @@ class CFAModel(nn.Module):
         score: str = "softmin",
         input_padding: int = 0,
         input_padding_mode: str = "reflect",
+        calibration: str = "none",
     ) -> None:
         super().__init__()
+        if calibration not in CALIBRATIONS:
+            raise TexadError(f"method.calibration must be one of {list(CALIBRATIONS)}, got {calibration!r}")
+        self.calibration = calibration
         self.backbone = backbone
         self.pool, self.blur_sigma = pool, blur_sigma
         self.input_padding, self.input_padding_mode = int(input_padding), input_padding_mode
