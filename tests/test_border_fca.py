@@ -45,3 +45,43 @@ def test_fca_default_has_no_border_ring_and_the_official_option_has_one(tmp_path
             ratios[name] = ring_ratio(method.eval().predict_maps(batch)["anomaly_map"])
     assert BOUNDS[0] <= ratios["default"] <= BOUNDS[1], ratios
     assert not BOUNDS[0] <= ratios["official"] <= BOUNDS[1], ratios
+
+
+def _fit_vae(method, images: torch.Tensor, steps: int = 80, vectors: int = 1024) -> None:
+    """A short VAE fit on the images' own scaled features (as on_fit_start/training_step, without a trainer)."""
+    torch.manual_seed(0)
+    feats = method.scaled_features(images)
+    x = feats.permute(1, 0, 2, 3).reshape(1, feats.shape[1], -1, 1)
+    opt = torch.optim.AdamW(method.model.vae.parameters(), lr=1e-3, weight_decay=0.1)
+    for _ in range(steps):
+        xb = x[:, :, torch.randperm(x.shape[2])[:vectors]]
+        recon, mu, logvar = method.model.vae(xb)
+        loss = method.model.vae.loss(xb, recon, mu, logvar, 1e-3)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    method.eval()
+
+
+def _blind_ring(tmp_path: Path, **overrides) -> float:
+    method, batch = _method_and_normals("blind_vae", tmp_path, **overrides)
+    _fit_vae(method, batch.image)
+    with torch.inference_mode():
+        return ring_ratio(method.predict_maps(batch)["anomaly_map"])
+
+
+def test_blind_vae_official_option_clears_the_border_and_the_default_does_not(tmp_path):
+    official = _blind_ring(tmp_path, input_padding=0, border="official", zero_border=5)
+    default = _blind_ring(tmp_path)
+    unpadded = _blind_ring(tmp_path, input_padding=0)
+    # Measured (6 training normals of embedded gravel at 128², 32² feature map, 80-step VAE fits):
+    # official 0.0 (its 5-cell frame is zeroed), default 1.24, default without input padding 3.29.
+    assert official < BOUNDS[0]
+    assert default > BOUNDS[0]  # a zeroed border is not a fix: the default scores the border
+    assert default < unpadded  # input padding removes part of the border excess
+
+
+@pytest.mark.xfail(strict=True, reason="blind VAE's default map is still hot at the border (measured 1.24 here, "
+                   "1.25 on 256² brick): the layer-2 residual itself is larger there; fix pending (issue 12)")
+def test_blind_vae_default_ring_is_within_bounds(tmp_path):
+    assert BOUNDS[0] <= _blind_ring(tmp_path) <= BOUNDS[1]
