@@ -26,7 +26,7 @@ from texad.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 #: bump when a change of the code changes what a cached view would contain
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 #: dataset keys that change neither the images nor the training (loader plumbing only)
 _DATASET_IGNORED = ("eval_batch_size", "num_workers", "_convert_")

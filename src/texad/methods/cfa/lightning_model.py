@@ -182,6 +182,7 @@ class CFA(AnomalyModule):
             "std": datamodule.std,
             "backbone": dict(cfg.backbone),
             "pool": self.hparams.pool,
+            "features_version": 2,  # bump when CFAModel.features changes (2: pooled before the padding crop)
             "input_padding": [self.hparams.input_padding, self.hparams.input_padding_mode],
             "views": {v: self.model.region_sizes.get(v) for v in self.model.view_names},
             "slic": dict(self.hparams.slic or {}),
