@@ -18,7 +18,8 @@ the clustering run does not have: the blind VAE's loop draws ``vectors_per_step`
 vectors of a few images per step exactly as its ``training_step`` does (same loss, same optimiser
 from its ``configure_optimizers``); CFA builds its memory bank with ``build_bank_step`` /
 ``finalize_banks`` and minimises ``CFAModel.loss`` with its own optimiser, as its ``on_fit_start`` and
-``training_step`` do. Sp-CFA's superpixel views are not supported here (original view only).
+``training_step`` do (and calibrates its head on the normal images when its ``calibration`` is on, as
+its ``on_fit_end`` does). Sp-CFA's superpixel views are not supported here (original view only).
 """
 
 from __future__ import annotations
@@ -146,6 +147,20 @@ def fit_cfa(method: nn.Module, datamodule: Any, device: torch.device) -> dict[st
             optimizer.step()
             total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
+    calibration = getattr(method.model, "calibration", "none")
+    if calibration not in (None, "none"):  # CFA's per-location calibration on the normal images (its on_fit_end)
+        head = method.model.heads["org"]
+        if not hasattr(head, "calibrate"):
+            raise TexadError(f"method.cfa.calibration={calibration!r}: this CFA head has no calibrate(); "
+                             "set method.cfa.calibration=none")
+
+        def normal_features():
+            with torch.no_grad():
+                for batch in datamodule.fit_statistics_dataloader():
+                    batch.image = batch.image.to(device)
+                    yield method._feats(batch, ["org"])["org"]
+
+        head.calibrate(normal_features())
     log.info("CFA: %d normal images, %d epochs", len(datamodule.train_samples), len(losses))
     return {"localizer_images": len(datamodule.train_samples), "localizer_epochs": len(losses),
             "localizer_loss_first_epoch": losses[0] if losses else None,
