@@ -8,23 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_entry
+from conftest import TINY, compose_cfg, run_entry
 from texad.errors import TexadError
 from texad.pipeline import evaluate, train
 
 KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "image_f1")
 
 
-def test_cfa_learns_to_find_planted_defects(tiny_cfg):
-    # Measured at this size (gravel, 64², 8 training images, 3 epochs): pixel AUROC ≈ 0.75,
-    # AUPRO ≈ 0.37, image AUROC ≈ 0.8. Chance is 0.5 / ≈0.0 (AUPRO) / 0.5: the bars leave room
-    # for seed and platform noise but fail a model that does not localise.
-    cfg = tiny_cfg("dataset=textures/gravel", "dataset.n_train=8", "method.epochs=3")
-    record = train(cfg)
-    assert record["pixel_auroc"] >= 0.65
-    assert record["pixel_aupro"] >= 0.2
-    assert record["image_auroc"] >= 0.65
+def test_cfa_learns_to_find_planted_defects(tiny_cfg, tmp_path):
+    # Measured at this size (gravel, 64², 8 training images of which 2 validate, up to 3 epochs,
+    # validation-selected epoch, default border handling): pretrained backbone P-AUROC 0.666, AUPRO 0.25;
+    # the same training on a random backbone (backbone.pretrained=false) P-AUROC 0.611. The bar sits
+    # between the two. The memory bank alone (method.epochs=0) reaches 0.660 here: at 64² CFA's training
+    # adds little to its bank (at 256² one epoch took validation P-AUPR 0.095 → 0.123 on gravel), so this
+    # test separates a model that localises from a random one, not trained heads from the bank.
+    overrides = ("dataset=textures/gravel", "dataset.n_train=8", "method.epochs=3")
+    record = train(tiny_cfg(*overrides))
+    assert record["pixel_auroc"] >= 0.64
     assert all(record[k] is not None for k in KEYS)
+    random = train(compose_cfg("train", [*TINY, *overrides, "backbone.pretrained=false"], tmp_path / "random"))
+    assert random["pixel_auroc"] < 0.64
 
 
 def test_train_then_evaluate_gives_the_same_metrics(tmp_path):
