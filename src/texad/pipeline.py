@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
         )
-        selection = epoch_selection(cfg, datamodule, ckpt_dir)
+        selection = epoch_selection(cfg, datamodule, method, ckpt_dir)
         callbacks = [checkpoint, *(selection.callbacks if selection else []), *instantiate_callbacks(cfg.get("callbacks"))]
         trainer = instantiate(
             cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all",
@@ -151,14 +151,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def epoch_selection(cfg: DictConfig, datamodule: L.LightningDataModule, ckpt_dir: Path):
+def epoch_selection(cfg: DictConfig, datamodule: L.LightningDataModule, method: AnomalyModule, ckpt_dir: Path):
     """Validation-based epoch selection (texad.selection) when configured, epochs run and validation exists."""
     from texad.selection import EpochSelection
 
     conf = cfg.get("selection") or {}
     every = int(conf.get("every_n_epochs") or 0)
     epochs = int(cfg.trainer.get("max_epochs") or 0)
-    if every <= 0 or epochs <= 0:
+    if every <= 0 or epochs <= 0 or not method.selects_epochs:
         return None
     datamodule.setup("fit")
     if len(datamodule.val_samples) == 0:

@@ -39,6 +39,9 @@ class AnomalyModule(L.LightningModule):
 
     #: does `train.py` run a fit for this method (False for zero-shot methods)
     needs_fit: bool = True
+    #: may the pipeline pick this method's epoch on validation (False where validation metrics do not
+    #: judge what the epochs train, e.g. the clustering head)
+    selects_epochs: bool = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -109,6 +109,9 @@ class AnomalyClustering(AnomalyModule):
     contrastively trained head; see the module docstring for the flow and ``torch_model`` for the
     parts."""
 
+    #: the head is judged by clustering the test images; validation metrics do not measure it
+    selects_epochs = False
+
     def __init__(
         self,
         backbone: FeatureExtractor,
@@ -337,11 +340,6 @@ class AnomalyClustering(AnomalyModule):
         # The pipeline fits on datamodule.train_dataloader(); the head trains on anchor images of the
         # clustered set instead (see the report: a `fit_dataloader` hook in pipeline.py would do this).
         datamodule.train_dataloader = self.anchor_dataloader
-        # Nothing here is validated (the head is judged by clustering the test images), and a
-        # validation-selected epoch would be chosen on a metric the head does not change: no
-        # validation split, so the pipeline keeps the last epoch (see the report: an opt-out
-        # attribute read by pipeline.epoch_selection would be cleaner).
-        datamodule.val_samples = []
         return self.hparams.epochs > 0
 
     def anchor_dataloader(self) -> DataLoader:
