@@ -53,9 +53,21 @@ def image_score(maps: torch.Tensor, rule: str = "max", fraction: float = 0.01) -
     raise TexadError(f"method.image_score must be one of {list(IMAGE_SCORES)}, got {rule!r}")
 
 
+def adopt_saved_shapes(module: torch.nn.Module, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Before `_load_from_state_dict`: give the buffers `names` of `module` the shapes saved in `state_dict`.
+
+    Fitted statistics (memory banks, Gaussians, calibrations) start as empty placeholders whose shape is
+    only known after fitting; a placeholder cannot receive a saved tensor of another shape.
+    """
+    for name in names:
+        if prefix + name in state_dict:
+            current = getattr(module, name)
+            setattr(module, name, torch.empty_like(state_dict[prefix + name], device=current.device))
+
+
 def chunk_rows_for_budget(n_cols: int, bytes_per_elem: int, budget_mb: float) -> int:
     """How many rows of an (rows × n_cols) temporary fit in `budget_mb` megabytes (at least 1)."""
     return max(1, int(budget_mb * 2**20 // max(1, n_cols * bytes_per_elem)))
 
 
-__all__ = ["IMAGE_SCORES", "chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d", "image_score"]
+__all__ = ["IMAGE_SCORES", "adopt_saved_shapes", "chunk_rows_for_budget", "gaussian_blur2d", "gaussian_kernel1d", "image_score"]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from texad.ops import chunk_rows_for_budget
+from texad.ops import adopt_saved_shapes, chunk_rows_for_budget
 
 
 # On CPU, rows per chunk never exceed this: a (rows × M) distance block then stays in the caches
@@ -106,10 +106,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Adopt the saved bank's shape (the empty placeholder cannot hold it)."""
-        key = prefix + "centroids"
-        if key in state_dict:
-            self.centroids = torch.empty_like(state_dict[key], device=self.centroids.device)
+        adopt_saved_shapes(self, state_dict, prefix, ("centroids",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -19,7 +19,7 @@ from texad.methods.cfa.loss import CoupledHypersphereLoss
 from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
 from texad.errors import TexadError
 from texad.methods.cfa.scorer import SCORERS
-from texad.ops import gaussian_blur2d
+from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 VIEWS = ("org", "small", "big")
 #: none (official) | location: scores divided by their per-location level on training normals ("org" view
@@ -46,10 +46,7 @@ class CFAHead(nn.Module):
         self.register_buffer("location_scale", torch.empty(0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Adopt the saved calibration's shape (the empty placeholder cannot hold it)."""
-        key = prefix + "location_scale"
-        if key in state_dict:
-            self.location_scale = torch.empty_like(state_dict[key], device=self.location_scale.device)
+        adopt_saved_shapes(self, state_dict, prefix, ("location_scale",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _patches(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -33,7 +33,7 @@ from torch import nn
 from texad.backbones import FeatureExtractor
 from texad.errors import TexadError
 from texad.methods.patchcore.torch_model import select_layers
-from texad.ops import gaussian_blur2d
+from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 
 def random_channels(n_total: int, n_select: int, seed: int) -> torch.Tensor:
@@ -120,10 +120,7 @@ class PaDiMModel(nn.Module):
         self.register_buffer("map_size", torch.zeros(2, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Adopt the saved statistics' shapes (the empty placeholders cannot hold them)."""
-        for name in ("mean", "precision"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.mean.device))
+        adopt_saved_shapes(self, state_dict, prefix, ("mean", "precision"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

@@ -48,7 +48,7 @@ from torch import nn
 from texad.backbones import FeatureExtractor, local_average_and_concat
 from texad.errors import TexadError
 from texad.methods.cfa.memory_bank import nearest_sq_distances
-from texad.ops import gaussian_blur2d
+from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 
 # squared distances below ROUNDING·‖x‖² are float32 rounding noise of ‖x‖² − 2x·c + ‖c‖² (D·ε ≈ 1e-5)
@@ -156,10 +156,7 @@ class PatchCoreModel(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Adopt the saved bank's shape (the empty placeholder cannot hold it)."""
-        key = prefix + "memory_bank"
-        if key in state_dict:
-            self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
+        adopt_saved_shapes(self, state_dict, prefix, ("memory_bank",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
