@@ -130,7 +130,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **(selection.trainer_kwargs if selection else {}),
         )
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
-        if not (ckpt_dir / LAST_CKPT).is_file():  # e.g. epochs=0: the model is its memory bank
+        # e.g. epochs=0: the model is its memory bank. Rank 0 decides for all: save_checkpoint is a collective,
+        # and a rank that saw rank 0's file already written would skip it and desynchronise the barriers
+        if trainer.strategy.broadcast(not (ckpt_dir / LAST_CKPT).is_file(), src=0):
             trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
         rank = trainer.global_rank
         leave_process_group()
