@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,16 @@ def compose(overrides: Sequence[str]):
         return hydra_compose("train", overrides=list(overrides))
 
 
-class _Snapshots:
-    """Lightning callback keeping a copy of the trainable heads after the wanted epochs."""
+class Snapshots(Callback):
+    """Keeps a copy of the trainable heads after each of the wanted epochs."""
 
-    def __new__(cls, wanted: Sequence[int]):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, wanted: Sequence[int]) -> None:
+        self.wanted, self.states = {int(e) for e in wanted}, {}
 
-        class Snap(Callback):
-            def __init__(self) -> None:
-                self.wanted, self.states = set(int(e) for e in wanted), {}
-
-            def on_train_epoch_end(self, trainer, pl_module) -> None:
-                epoch = trainer.current_epoch + 1
-                if epoch in self.wanted:
-                    self.states[epoch] = copy.deepcopy(pl_module.model.heads.state_dict())
-
-        return Snap()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch in self.wanted:
+            self.states[epoch] = copy.deepcopy(pl_module.model.heads.state_dict())
 
 
 @torch.no_grad()
@@ -125,7 +120,7 @@ def check_cfa(
     cfg = compose([f"dataset={dataset}", f"method.epochs={max(epochs)}", "logger=none", "selection.every_n_epochs=0",
                    "paths.output_dir=/tmp/texad-protocol-check", *overrides])
     start = time.time()
-    snaps = _Snapshots(epochs)
+    snaps = Snapshots(epochs)
     datamodule, method = fit(cfg, [snaps])
     method.eval()
     rows = []
