@@ -119,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, method = build(cfg)
     loggers = build_loggers(cfg)
     fit_info: dict[str, Any] = {}
+    fit_start = time.time()
     if method.prepare_fit(cfg, datamodule):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
@@ -141,6 +142,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if selection:
             fit_info = selection.restore_best(method)
         method.finish_fit(cfg, datamodule)
+        # the whole fit as a user waits for it: bank, epochs, validation passes of the epoch selection
+        fit_info["fit_time_s"] = round(time.time() - fit_start, 3)
+        fit_info["epochs_run"] = int(trainer.current_epoch)
         method = method.to(torch.device("cpu")) if cfg.trainer.get("accelerator") == "cpu" else method
     else:
         log.info("method %s needs no fit (zero-shot or cached)", cfg.method.get("name"))

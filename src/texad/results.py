@@ -384,7 +384,7 @@ def runs_to_csv(results: Sequence[RunResult]) -> str:
 
 
 def _fmt(value: float, key: str) -> str:
-    if key in ("wall_time_s", "selected_epoch"):
+    if key in ("wall_time_s", "fit_time_s", "selected_epoch"):
         return f"{value:.1f}"
     return f"{value:.3f}"
 
