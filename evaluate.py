@@ -1,4 +1,4 @@
-"""Evaluate a trained texad checkpoint: `python evaluate.py ckpt_path=<run dir>/checkpoints/last.ckpt`."""
+"""Evaluate a trained texad checkpoint: `python evaluate.py ckpt_path=<run dir>` (its best.ckpt, else last.ckpt)."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Anomaly maps for a folder of new images: `python predict.py ckpt_path=<run>/checkpoints/last.ckpt input_dir=<folder>`.
+"""Anomaly maps for a folder of new images: `python predict.py ckpt_path=<run dir> input_dir=<folder>`.
 
 The model is rebuilt from the checkpoint's saved config. Images of any size are resized to the
 model's input size; maps and masks are resized back to each image's own size. Written to the run
@@ -37,7 +37,7 @@ from texad.data.images import as_hw, read_rgb, resize_rgb, to_tensor
 from texad.data.layout import IMAGE_SUFFIXES
 from texad.errors import TexadError
 from texad.outputs import atomic_write, read_json, write_json
-from texad.pipeline import build, load_checkpoint_config
+from texad.pipeline import build, checkpoint_file, load_checkpoint_config
 from texad.writers import save_map, write_csv
 
 log = logging.getLogger("texad.predict")
@@ -56,7 +56,7 @@ def list_inputs(input_dir: Path, recursive: bool) -> tuple[list[Path], list[tupl
 def find_thresholds(cfg: DictConfig, checkpoint: dict) -> dict[str, Any]:
     """Pixel and image thresholds: given > stored in the checkpoint > the run's validation F1 optimum."""
     stored = checkpoint.get("texad_thresholds") or {}
-    metrics_file = Path(str(cfg.ckpt_path)).expanduser().resolve().parent.parent / "metrics.json"
+    metrics_file = checkpoint_file(cfg.ckpt_path).resolve().parent.parent / "metrics.json"
     val = (read_json(metrics_file).get("val") or {}) if metrics_file.is_file() else {}
     out: dict[str, Any] = {}
     for kind, given in (("pixel", cfg.get("threshold")), ("image", cfg.get("image_threshold"))):
@@ -175,7 +175,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     record = {
-        "ckpt_path": str(cfg.ckpt_path), "input_dir": str(input_dir), "n_images": len(rows), "n_skipped": len(skipped),
+        "ckpt_path": str(checkpoint_file(cfg.ckpt_path)), "input_dir": str(input_dir), "n_images": len(rows), "n_skipped": len(skipped),
         "n_overlays": n_overlays, **thresholds,
     }
     write_json(out_dir / "prediction.json", record)

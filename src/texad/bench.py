@@ -133,7 +133,7 @@ def measure_method(
         def on_train_epoch_end(self, trainer, pl_module):
             epoch_times.append(time.perf_counter() - self.t0)
 
-    if model.prepare_fit(cfg, datamodule):
+    if model.prepare_fit(datamodule):
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=1, max_epochs=epochs, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

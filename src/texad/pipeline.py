@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.outputs import METRIC_KEYS, write_json
+from texad.selection import BEST_CKPT as SELECTED_STEM
 
 log = logging.getLogger(__name__)
 
 LAST_CKPT = "last.ckpt"
+BEST_CKPT = f"{SELECTED_STEM}.ckpt"  # the epoch selection's checkpoint (texad.selection): the model train.py tested
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
@@ -33,9 +35,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
     backbone = instantiate(cfg.backbone, _convert_="all")
     method = instantiate(cfg.method, backbone=backbone, _convert_="all")
     method.texad_config = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = cfg.paths.get("output_dir")
+    method.output_dir = Path(str(output_dir)) if output_dir else None
     attach_views = getattr(method, "attach_views", None)
     if attach_views is not None:
-        attach_views(datamodule, cfg)
+        from texad.view_cache import run_description
+
+        attach_views(datamodule, cache_dir=str(cfg.paths.cache_dir), output_dir=method.output_dir,
+                     run_description=run_description(cfg))
     return datamodule, method
 
 
@@ -120,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     fit_info: dict[str, Any] = {}
     fit_start = time.time()
-    if method.prepare_fit(cfg, datamodule):
+    if method.prepare_fit(datamodule):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
         )
@@ -131,17 +138,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **(selection.trainer_kwargs if selection else {}),
         )
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
-        # e.g. epochs=0: the model is its memory bank. Rank 0 decides for all: save_checkpoint is a collective,
-        # and a rank that saw rank 0's file already written would skip it and desynchronise the barriers
-        if trainer.strategy.broadcast(not (ckpt_dir / LAST_CKPT).is_file(), src=0):
-            trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
+        # last.ckpt is the model as the fit left it, after on_fit_end (e.g. calibration) and also when no
+        # epoch ran (epochs=0: the model is its memory bank). save_checkpoint is a collective: every rank calls it
+        trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
         rank = trainer.global_rank
         leave_process_group()
         if rank != 0:
             return {}
         if selection:
             fit_info = selection.restore_best(method)
-        method.finish_fit(cfg, datamodule)
+        method.finish_fit(datamodule)
         # the whole fit as a user waits for it: bank, epochs, validation passes of the epoch selection
         fit_info["fit_time_s"] = round(time.time() - fit_start, 3)
         fit_info["epochs_run"] = int(trainer.current_epoch)
@@ -191,11 +197,26 @@ def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+def checkpoint_file(ckpt_path: str | Path) -> Path:
+    """`ckpt_path` as a file: a run dir (or its checkpoints/) means the model that run tested, i.e.
+    `best.ckpt` (the validation-selected epoch) where epoch selection ran, else `last.ckpt`."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    for name in (BEST_CKPT, LAST_CKPT):
+        if (folder / name).is_file():
+            return folder / name
+    raise TexadError(f"ckpt_path {str(path)!r} is a folder without {BEST_CKPT} or {LAST_CKPT} "
+                     f"(expected a run dir, its checkpoints/ folder, or a .ckpt file)")
+
+
 def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
     from texad.outputs import read_torch_file
 
-    path = Path(str(ckpt_path)).expanduser()
-    checkpoint = read_torch_file(path, "ckpt_path (expected <run dir>/checkpoints/last.ckpt)", weights_only=False)
+    path = checkpoint_file(ckpt_path)
+    checkpoint = read_torch_file(path, "ckpt_path (expected a run dir or <run dir>/checkpoints/best.ckpt or last.ckpt)",
+                                 weights_only=False)
     saved = checkpoint.get("texad_config") if isinstance(checkpoint, dict) else None
     if not saved:
         raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
@@ -206,7 +227,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the model from the checkpoint's saved config and evaluate it."""
     start = time.time()
     if not cfg.get("ckpt_path"):
-        raise TexadError("evaluate.py needs ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise TexadError("evaluate.py needs ckpt_path=<run dir> (or a .ckpt file of it)")
     checkpoint, saved = load_checkpoint_config(cfg.ckpt_path)
     saved_method = saved["method"].get("name")
     wanted = cfg.method.get("name") if cfg.get("method") else None
@@ -225,7 +246,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     method.load_method_state(checkpoint["state_dict"])
     loggers = build_loggers(run_cfg)
     results = run_evaluation(run_cfg, datamodule, method, loggers)
-    extra: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path)}
+    extra: dict[str, Any] = {"ckpt_path": str(checkpoint_file(cfg.ckpt_path))}
     fusion = cfg.get("fusion") or {}
     if fusion.get("search"):
         from texad.fusion import refuse_method

@@ -95,7 +95,7 @@ def fit(cfg, extra_callbacks: list) -> Any:
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule, method = build(cfg)
-    method.prepare_fit(cfg, datamodule)
+    method.prepare_fit(datamodule)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=extra_callbacks, enable_checkpointing=False,
                           enable_progress_bar=False, _convert_="all")
     trainer.fit(method, datamodule=datamodule)

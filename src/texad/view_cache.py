@@ -48,30 +48,38 @@ def digest(description: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def view_description(
-    cfg: Mapping[str, Any], view: Mapping[str, Any], loss_weight: float
-) -> dict[str, Any]:
-    """Everything that decides one trained view (a plain dict, resolved config values).
+def run_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What of the run decides a trained view besides the view itself (a plain dict of resolved values).
+
+    The pipeline builds it from the run config and hands it to the method (`attach_views`), so a
+    method never reads the config: data set, backbone, the method's training keys, trainer keys that
+    change the optimisation, seed and the epoch selection (the kept head is the selected epoch's).
+    """
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    method, dataset = plain["method"], plain["dataset"]
+    trainer = plain.get("trainer") or {}
+    return {
+        "version": CACHE_VERSION,
+        "dataset": {k: v for k, v in dataset.items() if k not in _DATASET_IGNORED},
+        "backbone": dict(plain["backbone"]),
+        "training": {
+            **{k: method.get(k) for k in _TRAINING_KEYS},
+            "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS},
+        },
+        "seed": plain.get("seed"),
+        "selection": {"conf": plain.get("selection"), "metric": plain.get("optimized_metric")},
+    }
+
+
+def view_description(run: Mapping[str, Any], view: Mapping[str, Any], loss_weight: float) -> dict[str, Any]:
+    """Everything that decides one trained view: `run_description(cfg)` plus the view and its loss weight.
 
     `view` is `{"kind": "original"}` or `{"kind": "superpixel", "region_size": rs, "slic": {...}}`:
     the slot name ("small"/"big") is not part of it, so rs=10 is one view wherever it sits.
     """
-    method, dataset = cfg["method"], cfg["dataset"]
-    trainer = cfg.get("trainer") or {}
-    return {
-        "version": CACHE_VERSION,
-        "dataset": {k: v for k, v in dataset.items() if k not in _DATASET_IGNORED},
-        "backbone": dict(cfg["backbone"]),
-        "view": dict(view),
-        "training": {
-            **{k: method.get(k) for k in _TRAINING_KEYS},
-            "loss_weight": float(loss_weight),
-            "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS},
-        },
-        "seed": cfg.get("seed"),
-        # the kept head is the validation-selected epoch's
-        "selection": {"conf": cfg.get("selection"), "metric": cfg.get("optimized_metric")},
-    }
+    return {**run, "view": dict(view), "training": {**run["training"], "loss_weight": float(loss_weight)}}
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -130,4 +138,4 @@ class ViewCache:
         self._store(self.maps_path(key, split), {"paths": paths, "maps": stacked})
 
 
-__all__ = ["CACHE_VERSION", "ViewCache", "digest", "state_digest", "view_description"]
+__all__ = ["CACHE_VERSION", "ViewCache", "digest", "run_description", "state_digest", "view_description"]

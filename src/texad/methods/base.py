@@ -7,6 +7,7 @@ anomalous) and `pred_score` (B,). Validation and test then update the same torch
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,7 +47,8 @@ class AnomalyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.strict_loading = False  # frozen backbone weights are not stored in checkpoints
-        self.texad_config: dict | None = None
+        self.texad_config: dict | None = None  # the resolved run config, stored in checkpoints only
+        self.output_dir: Path | None = None  # the run dir, for figures a method writes itself (set by the pipeline)
         self.metrics = torch.nn.ModuleDict(
             {
                 "val_pixel": PixelMetrics(),
@@ -61,11 +63,13 @@ class AnomalyModule(L.LightningModule):
         self._typed_scores: dict[str, list[tuple[float, str]]] = {}  # stage → (image score, defect type)
 
     # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
-    def prepare_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> bool:
+    # They get the datamodule only: what a method needs from the run (cache dir, output dir, the run's
+    # description for cache keys) comes as named arguments of `attach_views`, never the run config.
+    def prepare_fit(self, datamodule: L.LightningDataModule) -> bool:
         """Called before fit; return False when nothing needs fitting (zero-shot, or all cached)."""
         return self.needs_fit
 
-    def finish_fit(self, cfg: Any, datamodule: L.LightningDataModule) -> None:
+    def finish_fit(self, datamodule: L.LightningDataModule) -> None:
         """Called after fit on rank 0 (e.g. to store trained parts in a cache)."""
 
     # --- the method contract -------------------------------------------------------------------

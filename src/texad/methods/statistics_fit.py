@@ -59,6 +59,7 @@ class StatisticsModule(AnomalyModule):
     """An AnomalyModule whose fit is `build_statistics(loader)`, run once in `on_fit_start`."""
 
     needs_fit = True
+    selects_epochs = False  # no epochs to select: the fit loop runs zero (on_fit_start)
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,18 +85,9 @@ class StatisticsModule(AnomalyModule):
         log.info("%s takes no gradient steps: the fit is its statistics of the training images; "
                  "method.epochs=%s is ignored", name, epochs)
 
-    def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
-        """The trainer is built for zero epochs whatever `method.epochs` says (so no epoch selection)."""
-        trainer_cfg = cfg.get("trainer") if hasattr(cfg, "get") else None
-        if trainer_cfg is not None and trainer_cfg.get("max_epochs"):
-            self._ignore_epochs(trainer_cfg.get("max_epochs"))
-            trainer_cfg.max_epochs = 0
-            self._epochs_logged = True
-        return super().prepare_fit(cfg, datamodule)
-
     def on_fit_start(self) -> None:
         name = self.hparams.get("name", type(self).__name__)
-        if not getattr(self, "_epochs_logged", False):
+        if self.trainer.max_epochs:
             self._ignore_epochs(self.trainer.max_epochs)
         self.trainer.fit_loop.max_epochs = 0
         if self.statistics_built:

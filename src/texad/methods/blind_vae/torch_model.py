@@ -22,6 +22,7 @@ from torch import nn
 
 from texad.errors import TexadError
 from texad.methods.fca.torch_model import FCA, gaussian_kernel_1d
+from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 __all__ = ["FeatureVAE", "residual_map_fca", "residual_norm", "smooth_and_clear_border"]
 
@@ -119,3 +120,44 @@ def residual_map_fca(features: torch.Tensor, vae: FeatureVAE, fca: FCA, smooth_k
 def residual_norm(features: torch.Tensor, vae: FeatureVAE) -> torch.Tensor:
     """L2 norm over channels of the residual (the "just VAE" ablation): (B, C, h, w) -> (B, h, w)."""
     return torch.linalg.vector_norm(features - vae.reconstruct(features), dim=1)
+
+
+class LocationCalibration(nn.Module):
+    """Divides (B, h, w) maps by each location's level on the fitted images (empty until `fit`).
+
+    Why: the feature VAE reconstructs border cells worse than interior ones (their receptive field is
+    part mirrored context, rarer among the training vectors), so FCA on the residual is higher along
+    the border of every image: ring ratio 1.21 on brick's normal images with the border fix alone.
+    The level is robust to the defects of a contaminated (blind) set: the median over images at each
+    location (defects sit at different places in different images), blurred by `sigma` cells to
+    steady it, over its own mean so the map keeps its scale. No labels are used.
+    """
+
+    def __init__(self, sigma: float = 2.0) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+        self.register_buffer("scale", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        adopt_saved_shapes(self, state_dict, prefix, ("scale",))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def fitted(self) -> bool:
+        return self.scale.numel() > 0
+
+    def fit(self, maps: torch.Tensor) -> None:
+        """`maps`: (N, h, w) maps of the fitted images, uncalibrated."""
+        if maps.dim() != 3 or maps.shape[0] == 0:
+            raise TexadError(f"calibration needs (N, h, w) maps of at least one image, got {tuple(maps.shape)}")
+        level = gaussian_blur2d(maps.median(dim=0).values[None], self.sigma)[0]
+        self.scale = (level / level.mean()).clamp_min(1e-6)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            raise TexadError("blind VAE: method.calibration=location but the calibration was not fitted "
+                             "(the checkpoint predates it? use method.calibration=none)")
+        if self.scale.shape != maps.shape[-2:]:
+            raise TexadError(f"blind VAE calibration was fitted on {tuple(self.scale.shape)} maps, "
+                             f"got {tuple(maps.shape[-2:])} (another input size?)")
+        return maps / self.scale

@@ -104,6 +104,8 @@ class CFA(AnomalyModule):
         self.fit_info: dict[str, Any] = {}  # {"view_cache": {...}}: for metrics.json
         self.view_outputs: dict[str, dict[str, Any]] = {}  # split → per-view maps, masks, labels
         self._cache = None
+        self._cache_root: Path | None = None  # set by attach_views
+        self._backbone_description: dict[str, Any] = {}
         self._run_dir: Path | None = None
         self._split: str | None = None
         self._cached_maps: dict[str, dict[str, torch.Tensor]] = {}
@@ -115,26 +117,30 @@ class CFA(AnomalyModule):
     def view_region_sizes(self) -> list[int]:
         return [self.model.region_sizes[v] for v in self.model.view_names[1:]]
 
-    def attach_views(self, datamodule: Any, cfg: Any) -> None:
-        """Give the datamodule a picklable SLIC + mosaic builder; compute the views' cache keys."""
-        from omegaconf import OmegaConf
+    def attach_views(
+        self, datamodule: Any, *, cache_dir: str | Path, output_dir: str | Path | None, run_description: dict[str, Any]
+    ) -> None:
+        """Give the datamodule a picklable SLIC + mosaic builder; compute the views' cache keys.
 
+        `cache_dir` holds superpixels, trained views and frozen features; `output_dir` (the run dir)
+        gets view_cache.json; `run_description` (`texad.view_cache.run_description`) is what of the
+        run decides a trained view, for the cache keys.
+        """
         from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
         from texad.view_cache import ViewCache, digest, view_description
 
-        cache_root = Path(str(cfg.paths.cache_dir))
+        self._cache_root = Path(str(cache_dir))
+        self._backbone_description = dict(run_description.get("backbone") or {})
         slic = {**DEFAULT_SLIC, **(self.hparams.slic or {})}
         if self.view_region_sizes:
-            datamodule.views = SuperpixelViews(self.view_region_sizes, cache_root / "superpixels", slic)
-        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+            datamodule.views = SuperpixelViews(self.view_region_sizes, self._cache_root / "superpixels", slic)
         for v in self.model.view_names:
             rs = self.model.region_sizes.get(v)
             view = {"kind": "original"} if v == "org" else {"kind": "superpixel", "region_size": rs, "slic": slic}
-            self.view_keys[v] = digest(view_description(plain, view, self.model.loss_weights[v]))
+            self.view_keys[v] = digest(view_description(run_description, view, self.model.loss_weights[v]))
         if self.hparams.view_cache:
-            self._cache = ViewCache(cache_root / "views")
-        output_dir = (plain.get("paths") or {}).get("output_dir")
-        self._run_dir = Path(output_dir) if output_dir else None
+            self._cache = ViewCache(self._cache_root / "views")
+        self._run_dir = Path(str(output_dir)) if output_dir else None
 
     def _feats(self, batch: Batch, views: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         wanted = self.model.view_names if views is None else [v for v in self.model.view_names if v in views]
@@ -147,10 +153,10 @@ class CFA(AnomalyModule):
         return self.model.view_features(batch.image, mosaics, wanted)
 
     # --- the cache of trained views ------------------------------------------------------------
-    def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
+    def prepare_fit(self, datamodule: Any) -> bool:
         """Load cached views and freeze them; fit only when some view is not cached."""
         self.frozen_views = set()
-        self._setup_feature_cache(cfg, datamodule)
+        self._setup_feature_cache(datamodule)
         if self._cache is None:
             return True
         heads = {}
@@ -167,11 +173,15 @@ class CFA(AnomalyModule):
         log.info("view cache: %s", ", ".join(f"{v} {h} ({self.view_keys[v][:10]})" for v, h in heads.items()))
         return len(self.frozen_views) < len(self.model.view_names)
 
-    def _setup_feature_cache(self, cfg: Any, datamodule: Any) -> None:
+    def _setup_feature_cache(self, datamodule: Any) -> None:
         """With dataset.cache_features, memoise frozen training features (in memory and on disk)."""
         self._feature_cache = None
         if not getattr(datamodule, "cache_features", False):
             return
+        if self._cache_root is None:
+            raise TexadError("dataset.cache_features=true needs the run's cache dir: call "
+                             "attach_views(datamodule, cache_dir=..., output_dir=..., run_description=...) first "
+                             "(texad.pipeline.build does)")
         from texad.feature_cache import FrozenFeatureCache, feature_key
 
         datamodule.setup("fit")
@@ -180,14 +190,14 @@ class CFA(AnomalyModule):
             "image_size": datamodule.image_size,
             "mean": datamodule.mean,
             "std": datamodule.std,
-            "backbone": dict(cfg.backbone),
+            "backbone": self._backbone_description,
             "pool": self.hparams.pool,
             "features_version": 2,  # bump when CFAModel.features changes (2: pooled before the padding crop)
             "input_padding": [self.hparams.input_padding, self.hparams.input_padding_mode],
             "views": {v: self.model.region_sizes.get(v) for v in self.model.view_names},
             "slic": dict(self.hparams.slic or {}),
         }
-        path = Path(str(cfg.paths.cache_dir)) / "features" / f"{feature_key(description)}.pt"
+        path = self._cache_root / "features" / f"{feature_key(description)}.pt"
         self._feature_cache = FrozenFeatureCache(len(datamodule.train_samples), path)
 
     def _train_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
@@ -196,7 +206,7 @@ class CFA(AnomalyModule):
             return self._feats(batch, views)
         return cache.features(batch.extra["index"], views, lambda: self._feats(batch, views))
 
-    def finish_fit(self, cfg: Any, datamodule: Any) -> None:
+    def finish_fit(self, datamodule: Any) -> None:
         """Store the views this fit trained (and the frozen features, when cached)."""
         cache = getattr(self, "_feature_cache", None)
         if cache is not None:

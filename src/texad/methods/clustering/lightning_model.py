@@ -316,7 +316,7 @@ class AnomalyClustering(AnomalyModule):
                                  hp.feature_blur_kernel, hp.feature_blur_sigma, features=features)
 
     # --- fit: the localiser, then mine pairs and train the head on anchor images -----------------
-    def prepare_fit(self, cfg: Any, datamodule: Any) -> bool:
+    def prepare_fit(self, datamodule: Any) -> bool:
         self._remember_display(datamodule)
         if self.maps_source in LOCALIZED:
             info = fit_localizer(self.maps_source, self.model.localizer, datamodule,
@@ -455,8 +455,8 @@ class AnomalyClustering(AnomalyModule):
             res.update({"head_loss_first_epoch": self.epoch_losses[0], "head_loss_last_epoch": self.epoch_losses[-1]})
         for key in ("nmi", "ari", "cluster_f1", "raw_nmi", "raw_ari", "raw_cluster_f1"):
             self.log(f"test/{key}", float(res[key]), rank_zero_only=True, sync_dist=False)
-        output_dir = ((self.texad_config or {}).get("paths") or {}).get("output_dir")
-        if output_dir and self.global_rank == 0:
+        output_dir = self.output_dir
+        if output_dir is not None and self.global_rank == 0:
             from texad.methods.clustering.figures import write_cluster_outputs
 
             write_cluster_outputs(Path(output_dir), paths, types, clusters, descriptors, scores, linkages, used_k,

@@ -113,6 +113,7 @@ def fit_blind_vae(method: nn.Module, batches: Callable[[], Iterable[Any]], image
             epoch_loss += float(loss.detach())
         losses.append(epoch_loss / steps_per_epoch)
     vae.eval()
+    method.calibrate(feats)  # its per-location level on the same unlabelled images (method.calibration)
     log.info("blind VAE: %d images, %d epochs, loss %.4f -> %.4f", n, len(losses),
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return {"localizer_images": n, "localizer_epochs": len(losses),
