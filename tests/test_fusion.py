@@ -95,3 +95,31 @@ def test_image_metrics_use_the_methods_image_score():
     result = grid_search(blurred, masks, labels, "image_auroc", step=0.5, image_rule=("top_mean", 0.05))
     best = fused_metrics(blurred, masks, labels, result.alpha, image_rule=("top_mean", 0.05))
     assert result.value == pytest.approx(best["image_auroc"], abs=1e-9)
+
+
+def test_refused_test_metrics_keep_f1_at_the_validation_threshold_ring_and_aupimo():
+    """After re-fusion the test record has what a plain test pass has: F1 at validation's thresholds
+    (checked by brute force), the normal images' ring ratio and AUPIMO."""
+    from texad.fusion import refuse
+    from texad.metrics.aupimo import pixel_aupimo
+    from texad.metrics.border import ring_ratio
+
+    def split(seed):
+        maps, masks, labels = _views_with_known_best(n=8, size=160, seed=seed)  # AUPIMO needs 1e5 normal pixels
+        return {"maps": maps, "masks": masks, "labels": labels}
+
+    outputs = {"val": split(0), "test": split(1)}
+    result, val, test = refuse(outputs, blur_sigma=1.0, step=0.5)
+    fused = sum(result.alpha[v] * x for v, x in blur_views(outputs["test"]["maps"], 1.0).items())
+    masks, labels = outputs["test"]["masks"].numpy(), outputs["test"]["labels"].numpy()
+    t = val["pixel_f1_threshold"]
+    pred, truth = fused >= t, masks
+    tp = float((pred & truth).sum())
+    assert test["pixel_f1_at_val"] == pytest.approx(2 * tp / (pred.sum() + truth.sum()), abs=1e-9)
+    scores = fused.reshape(8, -1).max(1)
+    pred_img = scores >= val["image_f1_threshold"]
+    tp_img = float((pred_img & (labels == 1)).sum())
+    assert test["image_f1_at_val"] == pytest.approx(2 * tp_img / (pred_img.sum() + (labels == 1).sum()), abs=1e-9)
+    assert test["ring_ratio"] == pytest.approx(ring_ratio(torch.from_numpy(fused[labels == 0])), abs=1e-9)
+    assert test["pixel_aupimo"] is not None
+    assert test["pixel_aupimo"] == pytest.approx(pixel_aupimo(fused, masks), abs=1e-9)

@@ -19,6 +19,8 @@ import torch
 
 from texad.errors import TexadError
 from texad.metrics import functional as mf
+from texad.metrics.aupimo import pixel_aupimo
+from texad.metrics.border import ring_ratio
 from texad.metrics.pixel import pixel_metric_record
 from texad.ops import gaussian_blur2d, image_score
 
@@ -169,16 +171,30 @@ def fused_metrics(
     labels: torch.Tensor,
     alpha: Mapping[str, float],
     image_rule: tuple[str, float] = ("max", 0.01),
+    thresholds: Mapping[str, float | None] | None = None,
 ) -> dict[str, float | None]:
-    """All pixel and image metrics of the fused map at α (the usual metrics.json keys); the image
-    score is the method's rule (`image_rule`: `texad.ops.image_score` rule and fraction)."""
+    """All pixel and image metrics of the fused map at α (the usual metrics.json keys, AUPIMO and the
+    normal images' ring ratio included); the image score is the method's rule (`image_rule`:
+    `texad.ops.image_score` rule and fraction). `thresholds` (`{"pixel": t, "image": t}`, validation's
+    best-F1 thresholds) add `pixel_f1_at_val` / `image_f1_at_val`, as a test pass without re-fusion has."""
     fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
+    fused_t = torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))
+    thresholds = thresholds or {}
     out: dict[str, float | None] = {}
     if masks is not None:
-        out.update(pixel_metric_record(fused, masks.numpy()))
+        mask_np = masks.numpy()
+        out.update(pixel_metric_record(fused, mask_np))
+        out["pixel_aupimo"] = pixel_aupimo(fused, mask_np)
+        if thresholds.get("pixel") is not None:
+            out["pixel_f1_at_val"] = mf.f1_at_threshold(fused.ravel(), mask_np.ravel(), float(thresholds["pixel"]))
     if labels is not None and (labels >= 0).all():
-        scores = image_score(torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32)), *image_rule).numpy()
+        scores = image_score(fused_t, *image_rule).numpy()
         out.update(mf.image_scores(scores, labels.numpy()))
+        if thresholds.get("image") is not None:
+            out["image_f1_at_val"] = mf.f1_at_threshold(scores, labels.numpy(), float(thresholds["image"]))
+        normal = (labels == 0).numpy()
+        if normal.any() and min(fused_t.shape[-2:]) > 2:
+            out["ring_ratio"] = ring_ratio(fused_t[torch.from_numpy(normal)])
     return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in out.items()}
 
 
@@ -205,9 +221,10 @@ def refuse(
     log.info("fusion: best α %s, val %s %.4f over %d points (%.1fs)", result.alpha, metric, result.value,
              result.n_points, result.seconds)
     test_blurred = blur_views(test["maps"], blur_sigma)
-    return result, fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha, image_rule), fused_metrics(
-        test_blurred, test["masks"], test["labels"], result.alpha, image_rule
-    )
+    val_metrics = fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha, image_rule)
+    chosen = {"pixel": val_metrics.get("pixel_f1_threshold"), "image": val_metrics.get("image_f1_threshold")}
+    return result, val_metrics, fused_metrics(test_blurred, test["masks"], test["labels"], result.alpha, image_rule,
+                                              chosen)
 
 
 def time_refusion(
