@@ -131,6 +131,28 @@ def test_mean_and_std_over_seeds_and_rows_in_table_order(tmp_path):
     assert f"{mean:.3f} ± {std:.3f}" in md
 
 
+def test_collect_tabulates_finished_runs_and_runs_nothing(tmp_path):
+    args = ["--sets", "textures/brick", "--seeds", "0", "1", "--methods", "cfa", "fca", "--out", str(tmp_path)]
+    assert results.main([*args[:-2], "--collect", "--out", str(tmp_path / "nothing")]) == 1  # no runs there: error
+    plan = results.make_plan(results.parse_args(args))
+    cfa, fca = plan.methods
+    done = [{"pixel_aupr": 0.3 + 0.1 * seed, "val": {"pixel_aupr": 0.2}, "seed": seed, "wall_time_s": 5.0}
+            for seed in (0, 1)]
+    for seed in (0, 1):
+        fake_run(plan, cfa, "textures/brick", seed, done[seed], "val/pixel_aupr")
+    # fca seed 0 has started (its run dir exists) but not finished; fca seed 1 has no dir at all
+    (results.run_dir_of(plan, "fca", "textures/brick", 0) / ".hydra").mkdir(parents=True)
+    assert results.main([*args, "--collect"]) == 0
+    assert not (tmp_path / "plan.json").exists()  # --collect records no plan of its own
+    for seed in (0, 1):  # nothing was run
+        assert not (results.run_dir_of(plan, "fca", "textures/brick", seed) / "metrics.json").exists()
+    rows = read_rows(tmp_path)
+    assert [(r["method"], r["n_seeds"], r["failed"]) for r in rows] == [("cfa", "2", "0"), ("fca", "0", "2")]
+    assert float(rows[0]["pixel_aupr_mean"]) == pytest.approx(0.35)
+    md = (tmp_path / "results.md").read_text()
+    assert "fca textures/brick seed 0: not run yet" in md and "fca textures/brick seed 1: not run yet" in md
+
+
 def test_overrides_per_method_and_errors(tmp_path):
     common, per = results.split_overrides(["a.b=1", "cfa:method.k=5", "dataset.root=/x:y"])
     assert common == ["a.b=1", "dataset.root=/x:y"] and per == {"cfa": ["method.k=5"]}

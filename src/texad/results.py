@@ -242,8 +242,12 @@ def _entry_point(name: str) -> str:
     return str(path)
 
 
-def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int) -> RunResult:
-    """Train (and evaluate) one run unless its metrics.json is already there; read its result."""
+NOT_RUN = "not run yet"
+
+
+def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: bool = False) -> RunResult:
+    """Train (and evaluate) one run unless its metrics.json is already there; read its result.
+    With `collect`, nothing runs: a run without its final metrics.json is reported as not run yet."""
     run_dir = run_dir_of(plan, entry.name, set_name, seed)
     result = RunResult(entry.name, set_name, seed, run_dir, "ok")
     overrides = train_overrides(plan, entry, set_name, seed)
@@ -255,6 +259,9 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int) -> RunResu
         )
     train_metrics = run_dir / "metrics.json"
     log_path = run_dir / LOG_NAME
+    if not train_metrics.is_file() and collect:
+        result.status = NOT_RUN
+        return result
     if not train_metrics.is_file():
         result.reused = False
         code, last = _subprocess(
@@ -266,6 +273,9 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int) -> RunResu
     final = train_metrics
     if entry.evaluate:
         final = run_dir / EVAL_DIR / "metrics.json"
+        if not final.is_file() and collect:
+            result.status = f"{NOT_RUN} (evaluate.py step)"
+            return result
         if not final.is_file():
             result.reused = False
             ckpt = run_dir / "checkpoints" / "best.ckpt"  # the epoch selected on validation, when kept
@@ -460,12 +470,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 skipped)
 
 
-def run_plan(plan: Plan, log=print) -> list[RunResult]:
+def run_plan(plan: Plan, log=print, collect: bool = False) -> list[RunResult]:
     results: list[RunResult] = []
     jobs = [(e, s, k) for e in plan.methods for s in plan.sets for k in plan.seeds]
     for i, (entry, set_name, seed) in enumerate(jobs, 1):
         started = time.time()
-        result = run_one(plan, entry, set_name, seed)
+        result = run_one(plan, entry, set_name, seed, collect)
         took = time.time() - started
         sel = result.metrics.get(result.selection)
         what = "ok" if result.status == "ok" else result.status
@@ -498,6 +508,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="KEY=VALUE for every train.py run, METHOD:KEY=VALUE for one method (repeatable)")
     parser.add_argument("--out", default=None, help="output dir (default outputs/results/<date-time>); reuse it to resume")
     parser.add_argument("--table", default=str(DEFAULT_TABLE), help="the methods table (YAML)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the runs of --out that have finished (e.g. while a long sweep "
+                             "goes on, or after it was stopped); the others are listed as not run yet")
     return parser.parse_args(argv)
 
 
@@ -515,21 +528,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = make_plan(args)
         for line in plan.skipped:
             print(f"texad.results: {line}")
+        if args.collect and not (plan.out / "runs").is_dir():
+            raise TexadError(f"--collect: {str(plan.out)!r} holds no runs (expected the --out of an earlier command)")
         plan.out.mkdir(parents=True, exist_ok=True)
-        write_json(plan.out / "plan.json", {
-            "command": command, "sets": plan.sets, "seeds": plan.seeds, "common_overrides": plan.common,
-            "size": args.size, "n_train": args.n_train, "epochs": args.epochs,
-            "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
-        })
-        print(f"texad.results: {len(plan.methods) * len(plan.sets) * len(plan.seeds)} runs into {plan.out}")
-        results = run_plan(plan)
+        if not args.collect:
+            write_json(plan.out / "plan.json", {
+                "command": command, "sets": plan.sets, "seeds": plan.seeds, "common_overrides": plan.common,
+                "size": args.size, "n_train": args.n_train, "epochs": args.epochs,
+                "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
+            })
+        verb = "collected from" if args.collect else "into"
+        print(f"texad.results: {len(plan.methods) * len(plan.sets) * len(plan.seeds)} runs {verb} {plan.out}")
+        results = run_plan(plan, collect=args.collect)
         md_path, csv_path, md = write_outputs(plan, results, command)
     except TexadError as err:
         print(f"texad.results: error: {err}", file=sys.stderr)
         return 1
     print(md)
     print(f"wrote {md_path}, {csv_path} and {plan.out / 'runs.csv'}")
-    failed = sum(r.status != "ok" for r in results)
+    missing = sum(r.status.startswith(NOT_RUN) for r in results)
+    failed = sum(r.status != "ok" for r in results) - missing
+    if missing:
+        print(f"texad.results: {missing} run(s) not run yet (--collect ran nothing)", file=sys.stderr)
     if failed:
         print(f"texad.results: {failed} run(s) failed; run the same command with --out {plan.out} to retry them",
               file=sys.stderr)
