@@ -243,6 +243,7 @@ def _entry_point(name: str) -> str:
 
 
 NOT_RUN = "not run yet"
+FIT_KEYS = ("selected_epoch", "epochs_run", "fit_time_s")  # kept from train.py's metrics.json after an evaluate step
 
 
 def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: bool = False) -> RunResult:
@@ -288,6 +289,9 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
                 result.status = f"failed (evaluate.py exit {code}): {last}"
                 return result
     record = _read_json(final)
+    if entry.evaluate:  # what only the fit knows comes from train.py's record
+        fit = _read_json(train_metrics)
+        record.update({k: fit[k] for k in FIT_KEYS if k in fit and k not in record})
     result.metrics = _flatten(record)
     result.selection = _selection_key(run_dir)
     times = [_read_json(train_metrics).get("wall_time_s")]
