@@ -53,10 +53,10 @@ def list_inputs(input_dir: Path, recursive: bool) -> tuple[list[Path], list[tupl
     return images, others
 
 
-def find_thresholds(cfg: DictConfig, checkpoint: dict) -> dict[str, Any]:
+def find_thresholds(cfg: DictConfig, checkpoint: dict, ckpt_file: Path) -> dict[str, Any]:
     """Pixel and image thresholds: given > stored in the checkpoint > the run's validation F1 optimum."""
     stored = checkpoint.get("texad_thresholds") or {}
-    metrics_file = checkpoint_file(cfg.ckpt_path).resolve().parent.parent / "metrics.json"
+    metrics_file = ckpt_file.resolve().parent.parent / "metrics.json"
     val = (read_json(metrics_file).get("val") or {}) if metrics_file.is_file() else {}
     out: dict[str, Any] = {}
     for kind, given in (("pixel", cfg.get("threshold")), ("image", cfg.get("image_threshold"))):
@@ -87,7 +87,8 @@ class Predictor:
     """A checkpoint's model with its input size and normalisation, scoring uint8 RGB images."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        checkpoint, saved = load_checkpoint_config(cfg.ckpt_path)
+        self.ckpt_file = checkpoint_file(cfg.ckpt_path)  # a run dir: the model it tested
+        checkpoint, saved = load_checkpoint_config(self.ckpt_file)
         run_cfg = OmegaConf.create(saved)
         run_cfg["paths"] = cfg.paths
         datamodule, method = build(run_cfg)
@@ -128,7 +129,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if not images and not skipped:
         raise TexadError(f"input_dir {str(input_dir)!r} holds no files")
     predictor = Predictor(cfg)
-    thresholds = find_thresholds(cfg, predictor.checkpoint)
+    thresholds = find_thresholds(cfg, predictor.checkpoint, predictor.ckpt_file)
     pixel_t, image_t = thresholds["pixel"], thresholds["image"]
     if pixel_t is None:
         log.warning("no pixel threshold (%s): masks are not written", thresholds["pixel_source"])
@@ -175,7 +176,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     record = {
-        "ckpt_path": str(checkpoint_file(cfg.ckpt_path)), "input_dir": str(input_dir), "n_images": len(rows), "n_skipped": len(skipped),
+        "ckpt_path": str(predictor.ckpt_file), "input_dir": str(input_dir), "n_images": len(rows), "n_skipped": len(skipped),
         "n_overlays": n_overlays, **thresholds,
     }
     write_json(out_dir / "prediction.json", record)

@@ -228,7 +228,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     if not cfg.get("ckpt_path"):
         raise TexadError("evaluate.py needs ckpt_path=<run dir> (or a .ckpt file of it)")
-    checkpoint, saved = load_checkpoint_config(cfg.ckpt_path)
+    ckpt_file = checkpoint_file(cfg.ckpt_path)
+    checkpoint, saved = load_checkpoint_config(ckpt_file)
     saved_method = saved["method"].get("name")
     wanted = cfg.method.get("name") if cfg.get("method") else None
     if wanted and wanted != saved_method:
@@ -246,7 +247,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     method.load_method_state(checkpoint["state_dict"])
     loggers = build_loggers(run_cfg)
     results = run_evaluation(run_cfg, datamodule, method, loggers)
-    extra: dict[str, Any] = {"ckpt_path": str(checkpoint_file(cfg.ckpt_path))}
+    extra: dict[str, Any] = {"ckpt_path": str(ckpt_file)}
     fusion = cfg.get("fusion") or {}
     if fusion.get("search"):
         from texad.fusion import refuse_method

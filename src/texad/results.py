@@ -279,22 +279,21 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
             return result
         if not final.is_file():
             result.reused = False
-            ckpt = run_dir / "checkpoints" / "best.ckpt"  # the epoch selected on validation, when kept
-            ckpt = ckpt if ckpt.is_file() else run_dir / "checkpoints" / "last.ckpt"
+            # the run dir: evaluate.py takes the model train.py tested (best.ckpt, else last.ckpt)
             code, last = _subprocess(
-                [sys.executable, _entry_point("evaluate.py"), f"ckpt_path={ckpt}", *entry.evaluate, "logger=none",
+                [sys.executable, _entry_point("evaluate.py"), f"ckpt_path={run_dir}", *entry.evaluate, "logger=none",
                  f"hydra.run.dir={run_dir / EVAL_DIR}"], log_path,
             )
             if code != 0 or not final.is_file():
                 result.status = f"failed (evaluate.py exit {code}): {last}"
                 return result
+    fit = _read_json(train_metrics)
     record = _read_json(final)
     if entry.evaluate:  # what only the fit knows comes from train.py's record
-        fit = _read_json(train_metrics)
         record.update({k: fit[k] for k in FIT_KEYS if k in fit and k not in record})
     result.metrics = _flatten(record)
     result.selection = _selection_key(run_dir)
-    times = [_read_json(train_metrics).get("wall_time_s")]
+    times = [fit.get("wall_time_s")]
     if entry.evaluate:
         times.append(record.get("wall_time_s"))
     result.wall_time_s = sum(float(t) for t in times) if all(_is_number(t) for t in times) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -245,19 +245,18 @@ class CFA(AnomalyModule):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
-    def _calibrate(self) -> None:
-        """Per-location calibration of the "org" view on the training normals, for the heads as they are now."""
+    def calibrate(self, batches: Iterable[Batch]) -> None:
+        """Per-location calibration of the "org" view on batches of normal training images (already on
+        this device), for the heads as they are now; a no-op unless `calibration="location"`."""
         if self.model.calibration != "location":
             return
-        head = self.model.heads["org"]
-        loader = self.trainer.datamodule.fit_statistics_dataloader()
+        self.model.heads["org"].calibrate(self._train_feats(batch, ["org"])["org"] for batch in batches)
 
-        def batches():
-            for batch in loader:
-                batch = self.trainer.strategy.batch_to_device(batch, self.device)
-                yield self._train_feats(batch, ["org"])["org"]
-
-        head.calibrate(batches())
+    def _calibrate(self) -> None:
+        """`calibrate` on the fit's training normals."""
+        strategy = self.trainer.strategy
+        self.calibrate(strategy.batch_to_device(batch, self.device)
+                       for batch in self.trainer.datamodule.fit_statistics_dataloader())
 
     def on_validation_epoch_start(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":

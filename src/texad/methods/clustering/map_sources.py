@@ -148,20 +148,12 @@ def fit_cfa(method: nn.Module, datamodule: Any, device: torch.device) -> dict[st
             optimizer.step()
             total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
-    calibration = getattr(method.model, "calibration", "none")
-    if calibration not in (None, "none"):  # CFA's per-location calibration on the normal images (its on_fit_end)
-        head = method.model.heads["org"]
-        if not hasattr(head, "calibrate"):
-            raise TexadError(f"method.cfa.calibration={calibration!r}: this CFA head has no calibrate(); "
-                             "set method.cfa.calibration=none")
+    def normal_batches():  # CFA's per-location calibration on the normal images, as its on_fit_end
+        for batch in datamodule.fit_statistics_dataloader():
+            batch.image = batch.image.to(device)
+            yield batch
 
-        def normal_features():
-            with torch.no_grad():
-                for batch in datamodule.fit_statistics_dataloader():
-                    batch.image = batch.image.to(device)
-                    yield method._feats(batch, ["org"])["org"]
-
-        head.calibrate(normal_features())
+    method.calibrate(normal_batches())
     log.info("CFA: %d normal images, %d epochs", len(datamodule.train_samples), len(losses))
     return {"localizer_images": len(datamodule.train_samples), "localizer_epochs": len(losses),
             "localizer_loss_first_epoch": losses[0] if losses else None,
