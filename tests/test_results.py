@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,8 @@ def assert_row_equals_runs(row: dict[str, str], records: list[dict], walls: list
 
 def test_results_end_to_end_tiny(tmp_path):
     out = tmp_path / "results"
-    proc = run_results(*TINY_ARGS, "--methods", "cfa", "spcfa", "no_such_method", "--out", str(out))
+    # two runs at a time, one thread each (the table's default on a 2-core machine)
+    proc = run_results(*TINY_ARGS, "--methods", "cfa", "spcfa", "no_such_method", "--out", str(out), "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skipped method no_such_method: conf/method/no_such_method.yaml does not exist" in proc.stdout
     assert "| val/pixel_aupr (selection) |" in proc.stdout and "## textures/brick" in proc.stdout
@@ -75,9 +79,14 @@ def test_results_end_to_end_tiny(tmp_path):
     merged = {**spcfa, **{k: spcfa_train[k] for k in results.FIT_KEYS if k in spcfa_train and k not in spcfa}}
     assert "selected_epoch" in merged and "fit_time_s" in merged
     assert_row_equals_runs(rows[1], [merged], [spcfa_train["wall_time_s"] + spcfa["wall_time_s"]])
+    per_run = {r["method"]: r for r in csv.DictReader((out / "runs.csv").open())}
+    # runs.csv: a run's wall time is train.py's plus the evaluate step's (not the step's own, as it once was)
+    assert float(per_run["spcfa"]["wall_time_s"]) == pytest.approx(spcfa_train["wall_time_s"] + spcfa["wall_time_s"])
+    assert float(per_run["cfa"]["wall_time_s"]) == pytest.approx(cfa["wall_time_s"])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["jobs"] == 2 and plan["threads_per_run"] >= 1
     overrides = yaml.safe_load((cfa_dir / ".hydra/overrides.yaml").read_text())
     assert {"dataset.image_size=64", "dataset.generated_size=64", "dataset.n_train=6", "method.epochs=1"} <= set(overrides)
-    plan = json.loads((out / "plan.json").read_text())
     assert plan["seeds"] == [0] and [m["name"] for m in plan["methods"]] == ["cfa", "spcfa"]
 
     # resume: every run has its metrics.json, so nothing runs again and the table is the same
@@ -166,3 +175,42 @@ def test_overrides_per_method_and_errors(tmp_path):
     with pytest.raises(results.TexadError, match="texture sets"):
         results.size_overrides("mvtec/wood", None, 10)
     assert results.size_overrides("mvtec/wood", 128, None) == ["dataset.image_size=128"]
+
+
+def test_parallel_runs_keep_plan_order_cap_threads_and_stop_cleanly(tmp_path, monkeypatch):
+    """--jobs: results in the plan's order whatever finishes first; each run's OMP/MKL threads capped; an
+    interrupted command kills its runs in progress and starts no other."""
+    plan = results.make_plan(results.parse_args(
+        ["--sets", "textures/brick", "--seeds", "0", "1", "2", "3", "--methods", "cfa", "--jobs", "3",
+         "--out", str(tmp_path)]))
+    assert plan.jobs == 3 and plan.threads == max(1, (os.cpu_count() or 1) // 3)
+    delays = {0: 0.6, 1: 0.0, 2: 0.3, 3: 0.1}
+
+    def fake_one(plan_, entry, set_name, seed, collect=False):
+        time.sleep(delays[seed])
+        return results.RunResult(entry.name, set_name, seed, tmp_path, "ok", {"pixel_aupr": seed / 10})
+
+    monkeypatch.setattr(results, "run_one", fake_one)
+    lines: list[str] = []
+    got = results.run_plan(plan, log=lines.append)
+    assert [r.seed for r in got] == [0, 1, 2, 3] and len(lines) == 4
+    assert lines[0].startswith("[1/4] cfa textures/brick seed 1")  # logged as they finish
+
+    code = [sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"]
+    status, last = results._subprocess(code, tmp_path / "env.log", threads=1)
+    assert status == 0 and last == "1 1"
+
+    # stopping: a long run in progress is killed, and no run starts after it
+    box: dict[str, tuple[int, str]] = {}
+    worker = threading.Thread(target=lambda: box.update(
+        run=results._subprocess([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "stop.log")))
+    started = time.time()
+    worker.start()
+    while not results._LIVE and time.time() - started < 20:
+        time.sleep(0.05)
+    results._stop_live_runs()
+    worker.join(timeout=20)
+    assert not worker.is_alive() and box["run"][0] != 0 and time.time() - started < 30
+    with pytest.raises(SystemExit, match="stopping"):
+        results._subprocess(code, tmp_path / "after.log")
+    results._STOPPING.clear()

@@ -65,6 +65,11 @@ def test_frozen_feature_cache_changes_nothing_and_is_reused_across_runs(tmp_path
     calibrations = len(cached["val_curve"]) + 1
     assert n_train > 0 and cached["feature_cache"]["hits"] == n_train * (1 + calibrations)  # epoch 2 reused epoch 1
     assert again["feature_cache"] == {"hits": n_train * (2 + calibrations), "misses": 0}  # loaded from disk
+    # validation during the fit scores the same images every epoch: their features are computed once
+    assert cached["val_curve"] == plain["val_curve"] and len(cached["val_curve"]) == 2
+    memo = cached["validation_feature_cache"]
+    assert memo["misses"] > 0 and memo["hits"] == memo["misses"] * (len(cached["val_curve"]) - 1)
+    assert "validation_feature_cache" not in plain
 
 
 def test_bench_prints_the_figures_of_every_method(tmp_path):

@@ -39,9 +39,12 @@ import re
 import shlex
 import signal
 import statistics
+import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +83,8 @@ class Plan:
     out: Path
     size: int | None = None  # dataset.image_size (and generated_size of texture sets)
     n_train: int | None = None  # dataset.n_train of texture sets
+    jobs: int = 1  # runs at a time
+    threads: int | None = None  # OMP/MKL threads per run (None: the environment's)
     skipped: list[str] = field(default_factory=list)  # printed lines: methods left out and why
 
 
@@ -224,13 +229,29 @@ def _selection_key(run_dir: Path) -> str:
     return str(conf.get("optimized_metric") or DEFAULT_SELECTION)
 
 
-def _subprocess(args: list[str], log_path: Path) -> tuple[int, str]:
-    """Run one entry point; its output goes to log_path. Returns (exit status, last stderr-ish line)."""
+def _subprocess(args: list[str], log_path: Path, threads: int | None = None) -> tuple[int, str]:
+    """Run one entry point; its output goes to log_path. Returns (exit status, last stderr-ish line).
+    `threads` caps the run's intra-op threads (OMP/MKL), so parallel runs do not oversubscribe the cores."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = None
+    if threads is not None:
+        env = {**os.environ, **{k: str(threads) for k in THREAD_VARS}}
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(args)}\n")
         log.flush()
-        proc = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        with _LIVE_LOCK:
+            if _STOPPING.is_set():
+                raise SystemExit("texad.results: stopping")
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+            _LIVE.add(proc)
+        try:
+            proc.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+            if proc.poll() is None:  # interrupted while waiting (Ctrl-C, SIGTERM): no orphan run
+                proc.kill()
+                proc.wait()
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
     return proc.returncode, (lines[-1] if lines else "")
 
@@ -243,6 +264,18 @@ def _entry_point(name: str) -> str:
 
 
 NOT_RUN = "not run yet"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_LIVE: set[subprocess.Popen] = set()  # runs in progress, killed when the command is stopped
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _stop_live_runs() -> None:
+    """Stop every run in progress and start no other (the command was interrupted)."""
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        for proc in _LIVE:
+            proc.kill()
 FIT_KEYS = ("selected_epoch", "epochs_run", "fit_time_s")  # kept from train.py's metrics.json after an evaluate step
 
 
@@ -266,7 +299,8 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
     if not train_metrics.is_file():
         result.reused = False
         code, last = _subprocess(
-            [sys.executable, _entry_point("train.py"), *overrides, f"hydra.run.dir={run_dir}"], log_path
+            [sys.executable, _entry_point("train.py"), *overrides, f"hydra.run.dir={run_dir}"], log_path,
+            plan.threads,
         )
         if code != 0 or not train_metrics.is_file():
             result.status = f"failed (train.py exit {code}): {last}"
@@ -282,7 +316,7 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
             # the run dir: evaluate.py takes the model train.py tested (best.ckpt, else last.ckpt)
             code, last = _subprocess(
                 [sys.executable, _entry_point("evaluate.py"), f"ckpt_path={run_dir}", *entry.evaluate, "logger=none",
-                 f"hydra.run.dir={run_dir / EVAL_DIR}"], log_path,
+                 f"hydra.run.dir={run_dir / EVAL_DIR}"], log_path, plan.threads,
             )
             if code != 0 or not final.is_file():
                 result.status = f"failed (evaluate.py exit {code}): {last}"
@@ -383,15 +417,16 @@ def to_csv(plan: Plan, rows: Sequence[Row]) -> str:
 def runs_to_csv(results: Sequence[RunResult]) -> str:
     keys: list[str] = []
     for r in results:
-        keys += [k for k in r.metrics if k not in keys]
+        keys += [k for k in r.metrics if k not in keys and k != "wall_time_s"]
     columns = ["method", "set", "seed", "status", "wall_time_s", "run_dir", *keys]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in results:
         writer.writerow({
+            **{k: v for k, v in r.metrics.items() if k != "wall_time_s"},  # a step's own time: not the run's
             "method": r.method, "set": r.set, "seed": r.seed, "status": r.status, "run_dir": str(r.run_dir),
-            "wall_time_s": "" if r.wall_time_s is None else r.wall_time_s, **r.metrics,
+            "wall_time_s": "" if r.wall_time_s is None else r.wall_time_s,
         })
     return buf.getvalue()
 
@@ -468,15 +503,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.epochs is not None and trains(entry.name):
             entry.overrides.append(f"method.epochs={args.epochs}")
     out = Path(args.out) if args.out else Path("outputs") / "results" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    jobs = int(args.jobs if args.jobs is not None else table.get("jobs") or 1)
+    if jobs < 1:
+        raise TexadError(f"--jobs must be at least 1, got {jobs}")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     return Plan(sets, seeds, entries, [str(o) for o in table.get("overrides") or []] + common,
                 {k: list(v) for k, v in (table.get("tables") or {}).items()}, out.absolute(), args.size, args.n_train,
-                skipped)
+                jobs, threads, skipped)
 
 
 def run_plan(plan: Plan, log=print, collect: bool = False) -> list[RunResult]:
-    results: list[RunResult] = []
+    """Every run of the plan, `plan.jobs` at a time (each a subprocess); results in the plan's order."""
     jobs = [(e, s, k) for e in plan.methods for s in plan.sets for k in plan.seeds]
-    for i, (entry, set_name, seed) in enumerate(jobs, 1):
+    _STOPPING.clear()
+    done = 0
+    lock = threading.Lock()
+
+    def one(entry: MethodEntry, set_name: str, seed: int) -> RunResult:
+        nonlocal done
         started = time.time()
         result = run_one(plan, entry, set_name, seed, collect)
         took = time.time() - started
@@ -484,9 +528,21 @@ def run_plan(plan: Plan, log=print, collect: bool = False) -> list[RunResult]:
         what = "ok" if result.status == "ok" else result.status
         when = "metrics.json from before" if result.reused and result.status == "ok" else f"{took:.0f} s"
         detail = f", {result.selection} {sel:.4f}" if sel is not None else ""
-        log(f"[{i}/{len(jobs)}] {entry.name} {set_name} seed {seed}: {what} ({when}{detail})")
-        results.append(result)
-    return results
+        with lock:
+            done += 1
+            log(f"[{done}/{len(jobs)}] {entry.name} {set_name} seed {seed}: {what} ({when}{detail})")
+        return result
+
+    if plan.jobs <= 1 or collect:
+        return [one(*job) for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=plan.jobs)
+    try:
+        return list(pool.map(lambda job: one(*job), jobs))
+    except BaseException:
+        _stop_live_runs()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_outputs(plan: Plan, results: Sequence[RunResult], command: str) -> tuple[Path, Path, str]:
@@ -507,6 +563,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image side (dataset.image_size; generated side too)")
     parser.add_argument("--n-train", type=int, default=None, help="dataset.n_train of the generated texture sets")
     parser.add_argument("--epochs", type=int, default=None, help="method.epochs of the methods that train")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at a time (default: the table's `jobs`, else 1); with more than one, each run gets "
+                             "cpu_count // jobs intra-op threads")
     parser.add_argument("--override", action="append", default=None,
                         help="KEY=VALUE for every train.py run, METHOD:KEY=VALUE for one method (repeatable)")
     parser.add_argument("--out", default=None, help="output dir (default outputs/results/<date-time>); reuse it to resume")
@@ -537,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.collect:
             write_json(plan.out / "plan.json", {
                 "command": command, "sets": plan.sets, "seeds": plan.seeds, "common_overrides": plan.common,
-                "size": args.size, "n_train": args.n_train, "epochs": args.epochs,
+                "size": args.size, "n_train": args.n_train, "epochs": args.epochs, "jobs": plan.jobs,
+                "threads_per_run": plan.threads,
                 "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
             })
         verb = "collected from" if args.collect else "into"

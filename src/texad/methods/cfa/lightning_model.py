@@ -200,6 +200,17 @@ class CFA(AnomalyModule):
         path = self._cache_root / "features" / f"{feature_key(description)}.pt"
         self._feature_cache = FrozenFeatureCache(len(datamodule.train_samples), path)
 
+    def _fit_validation_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
+        """Frozen features for scoring. Validation during a fit with dataset.cache_features scores the same
+        images every epoch (a fixed, seeded split): their features are computed on the first pass and kept
+        in memory for this fit (issue 11: validation every epoch must be cheap). Exact: the same tensors."""
+        trainer = self._trainer
+        memo = getattr(self, "_val_feature_memo", None)
+        if (memo is None or trainer is None or trainer.state.fn != "fit"
+                or not (trainer.validating or trainer.sanity_checking)):
+            return self._feats(batch, views)
+        return memo.features(batch.extra["index"], views, lambda: self._feats(batch, views))
+
     def _train_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
         cache = getattr(self, "_feature_cache", None)
         if cache is None:
@@ -232,6 +243,11 @@ class CFA(AnomalyModule):
 
     # --- fit -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._val_feature_memo = None
+        if getattr(self, "_feature_cache", None) is not None:
+            from texad.feature_cache import FrozenFeatureCache
+
+            self._val_feature_memo = FrozenFeatureCache(0)  # in memory only; filled by the first validation
         if self.model.banks_built:
             return  # resumed from a checkpoint: the bank is part of it
         dm = self.trainer.datamodule
@@ -264,6 +280,10 @@ class CFA(AnomalyModule):
         self._start_split("val")
 
     def on_fit_end(self) -> None:
+        memo = getattr(self, "_val_feature_memo", None)
+        if memo is not None:
+            self.fit_info["validation_feature_cache"] = {"hits": memo.hits, "misses": memo.misses}
+        self._val_feature_memo = None
         self._calibrate()  # the last epoch's heads (a selected epoch's come with its checkpoint)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -355,7 +375,7 @@ class CFA(AnomalyModule):
                     views[v] = torch.stack([cached[p] for p in batch.path]).to(batch.image.device)
         todo = [v for v in self.model.view_names if v not in views]
         if todo:
-            views.update(self.model.view_maps(self._feats(batch, todo), size, batch.superpixels))
+            views.update(self.model.view_maps(self._fit_validation_feats(batch, todo), size, batch.superpixels))
             if self._split:
                 for v in todo:
                     self._computed_maps[v].update(zip(batch.path, views[v].detach().float().cpu()))
