@@ -1,7 +1,7 @@
 """The README's results table from one command: every method on the embedded texture sets, over seeds.
 
     python -m texad.results [--sets textures/brick ...] [--seeds 0 1 2] [--methods cfa spcfa ...]
-                            [--size 256] [--n-train 40] [--epochs N] [--override KEY=VALUE ...]
+                            [--size 256] [--n-train 40] [--epochs N] [--jobs 2] [--override KEY=VALUE ...]
                             [--out outputs/results/<date-time>] [--table conf/results/default.yaml]
 
 What runs comes from an editable table, `conf/results/default.yaml` (`--table` for another): the sets,
@@ -11,7 +11,8 @@ run's result, and which table the method's row goes to (`main`, or `clustering` 
 clustering). A method without `conf/method/<name>.yaml` is skipped with a printed line.
 
 Each run is train.py in its own subprocess with `hydra.run.dir=<out>/runs/<method>/<set>/seed<k>`
-(its output in `results.log` there). A run whose final metrics.json exists is not run again, so a
+(its output in `results.log` there); `--jobs N` (default: the table's `jobs`) runs N at a time, each
+capped at cpu_count // N OMP/MKL threads, and an interrupted command kills the runs in progress. A run whose final metrics.json exists is not run again, so a
 crashed or interrupted sweep goes on with the same `--out`; a run dir made with other overrides is an
 error rather than silently mixed in. `--override KEY=VALUE` goes to every train.py run,
 `--override METHOD:KEY=VALUE` to that method's only.
@@ -508,7 +509,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise TexadError(f"--jobs must be at least 1, got {jobs}")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     return Plan(sets, seeds, entries, [str(o) for o in table.get("overrides") or []] + common,
-                {k: list(v) for k, v in (table.get("tables") or {}).items()}, out.absolute(), args.size, args.n_train,
+                {k: list(v) for k, v in (table.get("tables") or {}).items()}, out.absolute(),
+                (args.size if args.size is not None else table.get("size")) or None, args.n_train,
                 jobs, threads, skipped)
 
 
@@ -560,7 +562,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sets", nargs="+", default=None, help="data sets (default: the table's, textures/{brick,grass,gravel})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the table's, 0 1 2)")
     parser.add_argument("--methods", nargs="+", default=None, help="methods (default: every method of the table)")
-    parser.add_argument("--size", type=int, default=None, help="image side (dataset.image_size; generated side too)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side (dataset.image_size; generated side too); default: the table's `size` "
+                             "(128, so the default table fits an hour on 2 cores); 0 = each set's own (256)")
     parser.add_argument("--n-train", type=int, default=None, help="dataset.n_train of the generated texture sets")
     parser.add_argument("--epochs", type=int, default=None, help="method.epochs of the methods that train")
     parser.add_argument("--jobs", type=int, default=None,
@@ -596,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.collect:
             write_json(plan.out / "plan.json", {
                 "command": command, "sets": plan.sets, "seeds": plan.seeds, "common_overrides": plan.common,
-                "size": args.size, "n_train": args.n_train, "epochs": args.epochs, "jobs": plan.jobs,
+                "size": plan.size, "n_train": args.n_train, "epochs": args.epochs, "jobs": plan.jobs,
                 "threads_per_run": plan.threads,
                 "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
             })

@@ -73,7 +73,6 @@ def _train_head(model: ClusteringModel, features, maps, opt, seed: int = 0, epoc
 
 def study_descriptors(texture: str, per_type: int = 8, image_size: int = 256, only: list[int] | None = None,
                       sources: list[str] | None = None) -> dict:
-    from texad.data.embedded import ensure_texture_set  # noqa: F401  (the set is built by validation_set)
     from texad.methods.clustering.study import VALIDATION_TYPES, validation_set
     from texad.methods.fca.lightning_model import FCAMethod
 
