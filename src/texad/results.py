@@ -12,8 +12,9 @@ clustering). A method without `conf/method/<name>.yaml` is skipped with a printe
 
 Each run is train.py in its own subprocess with `hydra.run.dir=<out>/runs/<method>/<set>/seed<k>`
 (its output in `results.log` there); `--jobs N` (default: the table's `jobs`) runs N at a time, each
-capped at cpu_count // N OMP/MKL threads, and an interrupted command kills the runs in progress. A run whose final metrics.json exists is not run again, so a
-crashed or interrupted sweep goes on with the same `--out`; a run dir made with other overrides is an
+capped at cpu_count // N OMP/MKL threads, and an interrupted command kills the runs in progress. A run
+whose final metrics.json exists is not run again, so a crashed or interrupted sweep goes on with the
+same `--out`; a run dir made with other overrides is an
 error rather than silently mixed in. `--override KEY=VALUE` goes to every train.py run,
 `--override METHOD:KEY=VALUE` to that method's only.
 
@@ -36,11 +37,11 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shlex
 import signal
 import statistics
-import os
 import subprocess
 import sys
 import threading
@@ -277,6 +278,8 @@ def _stop_live_runs() -> None:
         _STOPPING.set()
         for proc in _LIVE:
             proc.kill()
+
+
 FIT_KEYS = ("selected_epoch", "epochs_run", "fit_time_s")  # kept from train.py's metrics.json after an evaluate step
 
 
