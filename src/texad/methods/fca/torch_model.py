@@ -34,7 +34,6 @@ real windows, at its true position in them. ``border="official"`` is the officia
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
