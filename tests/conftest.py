@@ -23,6 +23,7 @@ TINY = [
     "dataset.generated_size=64",
     "dataset.image_size=64",
     "dataset.n_train=6",
+    "dataset.n_val_good=2",
     "dataset.n_test_good=2",
     "dataset.n_per_type=2",
     "dataset.eval_batch_size=4",

@@ -6,7 +6,7 @@ import pytest
 import skimage.data
 import torch
 
-from texad.backbones import FeatureExtractor, build_classifier, local_average_and_concat
+from texad.backbones import FeatureExtractor, build_classifier, concat_layers
 from texad.errors import TexadError
 
 
@@ -27,8 +27,9 @@ def test_feature_extractor_is_frozen_and_returns_layers_1_to_3():
     feats = fe(torch.randn(2, 3, 64, 96))
     assert [f.shape[1] for f in feats] == fe.channels == [24, 40, 112]
     assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6)]
-    cat = local_average_and_concat(feats, pool=3)
+    cat, grid = concat_layers(feats, fe.grids((64, 96), feats), pool=3)
     assert cat.shape == (2, 176, 16, 24)  # non-square inputs work
+    assert grid == fe.grids((64, 96), feats)[0]
 
 
 def test_pretrained_backbone_without_reachable_weights_is_an_error(monkeypatch):

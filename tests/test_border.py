@@ -45,16 +45,20 @@ def test_padded_features_crop_back_exactly_to_the_unpadded_cells():
 
     from texad.backbones import padded_features
 
+    from texad.geometry import even_grid
+
     def extract(x):  # two "layers" without padding of their own: every cell sees only its own pixels
-        return [F.avg_pool2d(x, 4), F.avg_pool2d(x, 8)]
+        maps = [F.avg_pool2d(x, 4), F.avg_pool2d(x, 8)]
+        return maps, [even_grid(tuple(m.shape[-2:]), tuple(x.shape[-2:])) for m in maps]
 
     images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
-    plain = extract(images)
+    plain, plain_grids = extract(images)
     for mode in ("reflect", "replicate", "zeros"):
-        padded = padded_features(extract, images, 16, mode)
+        padded, grids = padded_features(extract, images, 16, mode)
+        assert grids == plain_grids  # the cropped cells sit where the unpadded ones do
         for a, b in zip(plain, padded):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(plain, padded_features(extract, images, 0)))
+    assert all(torch.equal(a, b) for a, b in zip(plain, padded_features(extract, images, 0)[0]))
     with pytest.raises(TexadError, match="multiple of every feature stride"):
         padded_features(extract, images, 12)
     with pytest.raises(TexadError, match="input_padding_mode"):
@@ -67,13 +71,15 @@ def test_input_padding_removes_a_zero_padding_border_artifact():
 
     from texad.backbones import padded_features
 
+    from texad.geometry import PIXELS
+
     weight = torch.ones(1, 3, 3, 3) / 27
 
     def extract(x):
-        return [F.conv2d(x, weight, padding=1)]
+        return [F.conv2d(x, weight, padding=1)], [PIXELS]
 
     flat = torch.ones(1, 3, 32, 32)
-    plain = extract(flat)[0][0, 0]
+    plain = extract(flat)[0][0][0, 0]
     assert plain[0, 0] < plain[16, 16]  # the corner sees zeros
-    fixed = padded_features(extract, flat, 4, "reflect")[0][0, 0]
+    fixed = padded_features(extract, flat, 4, "reflect")[0][0][0, 0]
     assert torch.allclose(fixed, torch.ones_like(fixed))

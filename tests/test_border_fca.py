@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 128² embedded images, backbone input 256² (the default's 2x resize of a 256² image scaled down)
 TINY_SET = ["dataset=textures/gravel", "dataset.generated_size=128", "dataset.image_size=128", "dataset.n_train=6",
-            "dataset.n_test_good=4", "dataset.n_per_type=1", "dataset.val_fraction=0", "logger=none",
+            "dataset.n_test_good=4", "dataset.n_per_type=1", "dataset.val_fraction=0", "dataset.n_val_good=0",
+            "logger=none",
             "method.feature_input_size=256"]
 BOUNDS = (0.90, 1.10)
 

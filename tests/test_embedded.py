@@ -13,7 +13,7 @@ from texad.data.embedded import MARKER, TEXTURES, ensure_elpv_set, ensure_textur
 from texad.data.synthetic import DEFECT_TYPES, MAX_AREA_FRACTION, MIN_AREA_FRACTION, plant_defect
 from texad.errors import TexadError
 
-SMALL = dict(image_size=64, n_train=4, n_test_good=2, n_per_type=2)
+SMALL = dict(image_size=64, n_train=4, n_val_good=2, n_test_good=2, n_per_type=2)
 
 
 def files_of(folder):
@@ -87,8 +87,9 @@ def test_defect_on_flat_image_is_still_visible():
 def test_texture_set_layout(brick_set):
     assert brick_set.name == "brick"
     top = {p.name for p in brick_set.iterdir()}
-    assert top == {"train", "test", "ground_truth", MARKER}
+    assert top == {"train", "val", "test", "ground_truth", MARKER}
     assert sorted(p.name for p in (brick_set / "train").iterdir()) == ["good"]
+    assert len(list((brick_set / "val" / "good").glob("*.png"))) == 2
     assert sorted(p.name for p in (brick_set / "test").iterdir()) == sorted(["good", *DEFECT_TYPES])
     assert sorted(p.name for p in (brick_set / "ground_truth").iterdir()) == sorted(DEFECT_TYPES)
     assert len(list((brick_set / "train" / "good").glob("*.png"))) == 4
@@ -112,8 +113,39 @@ def test_texture_set_reads_with_mvtec_reader(brick_set):
     from texad.data import layout  # texad's own module: a broken import must fail, not skip
 
     split = layout.read_mvtec_layout(brick_set)
-    assert split.has_masks and len(split.train) == 4
+    assert split.has_masks and len(split.train) == 4 and len(split.val) == 2
     assert split.defect_types == sorted(DEFECT_TYPES)
+
+
+def test_splits_are_cut_from_disjoint_bands_of_the_photo(monkeypatch):
+    # a "photo" whose every pixel holds its own row index: a crop tells which rows it came from
+    rows = np.repeat(np.arange(embedded.SOURCE_SIDE, dtype=np.int32)[:, None], embedded.SOURCE_SIDE, axis=1)
+    seen: dict[str, set[int]] = {}
+    for folder in ("train/good", "val/good", "test/good", "test/hole"):
+        for index in range(40):
+            rng = embedded._image_rng(0, "gravel", folder, index)
+            crop = embedded._random_crop(rows.astype(np.float32), embedded.region_of(folder), embedded.CROP_SIDE, rng)
+            seen.setdefault(folder.split("/")[0], set()).update(np.unique(crop).tolist())
+    bands = {k: (min(v), max(v)) for k, v in seen.items()}
+    assert bands["train"][1] < bands["val"][0] and bands["val"][1] < bands["test"][0], bands
+    for name, (lo, hi) in bands.items():
+        start, stop = embedded.REGIONS["test" if name == "test" else f"{name}/good"]
+        assert start <= lo and hi < stop, (name, lo, hi)
+
+
+def test_validation_normals_of_the_set_replace_the_hold_out(tmp_path):
+    from texad.data.datamodule import TextureDataModule
+
+    common = dict(texture="brick", cache_dir=str(tmp_path), generated_size=64, image_size=64, n_train=6,
+                  n_test_good=2, n_per_type=1, val_fraction=0.5)
+    own = TextureDataModule(n_val_good=3, **common)
+    own.setup()
+    assert len(own.train_samples) == 6 and len(own.val_samples) == 3
+    assert all("/val/good/" in str(s.path) for s in own.val_samples)
+    held_out = TextureDataModule(n_val_good=0, **common)
+    held_out.setup()
+    assert len(held_out.train_samples) == 3 and len(held_out.val_samples) == 3
+    assert all("/train/good/" in str(s.path) for s in held_out.val_samples)
 
 
 def test_texture_set_is_byte_identical_across_folders(tmp_path):

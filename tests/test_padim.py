@@ -37,13 +37,13 @@ def test_mahalanobis_maps_equal_scipy_with_the_papers_regularisation(tiny_cfg, o
     gen = torch.Generator().manual_seed(0)
     train = torch.randn(6, 3, 64, 64, generator=gen)
     stats = GaussianStatistics(chunk_locations=50)
-    emb_train = model.embedding(train)
+    emb_train = model.embedding(train)[0]
     stats.update(model.locations(emb_train))
     model.finalize(stats, tuple(emb_train.shape[-2:]))
     test = torch.randn(2, 3, 64, 64, generator=gen)
-    got = model.mahalanobis(model.embedding(test))
+    got = model.mahalanobis(model.embedding(test)[0])
     feats = model.locations(emb_train).double().numpy()  # (6, L, d)
-    emb = model.locations(model.embedding(test)).double().numpy()
+    emb = model.locations(model.embedding(test)[0]).double().numpy()
     h, w = got.shape[-2:]
     for loc in (0, 17, h * w - 1):
         cov = np.cov(feats[:, loc], rowvar=False) + 0.01 * np.eye(12)
@@ -105,8 +105,9 @@ def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_threa
 
 
 def test_ddp_two_processes_fit_the_same_gaussians_as_one(tmp_path):
-    small = [o for o in TINY if not o.startswith("method.epochs")] + [
-        "method=padim", "dataset.n_train=7", "dataset.val_fraction=0", "eval_callbacks.test_outputs.max_overlays_per_type=0",
+    small = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_good"))] + [
+        "method=padim", "dataset.n_train=7", "dataset.val_fraction=0", "dataset.n_val_good=0",
+        "eval_callbacks.test_outputs.max_overlays_per_type=0",
         "method.n_features=4",  # 7 images: a full-rank covariance, so the precision compares tightly
     ]
     single, ddp = tmp_path / "single", tmp_path / "ddp"

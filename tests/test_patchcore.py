@@ -68,7 +68,7 @@ def test_reweighting_is_the_papers_equation_7(tiny_cfg, one_thread):
     model.memory_bank = torch.randn(40, model.feature_dim, generator=gen)
     images = torch.randn(2, 3, 64, 64, generator=gen)
     maps, scores = model(images)
-    feats = model.flatten(model.features(images)).view(2, -1, model.feature_dim)
+    feats = model.flatten(model.features(images)[0]).view(2, -1, model.feature_dim)
     bank = model.memory_bank.double()
     for i in range(2):
         d = torch.cdist(feats[i].double(), bank)  # (h·w, M)
@@ -98,7 +98,7 @@ def test_patchcore_finds_planted_defects(tiny_cfg, one_thread):
     assert record["pixel_aupro"] >= BAR_PRO
     assert record["image_auroc"] >= BAR_IMG
     assert record["pixel_auroc"] >= 0.8
-    assert record["statistics"]["bank_size"] == round(0.1 * 8 * 16 * 16)  # 8 training images of 16×16 patches
+    assert record["statistics"]["bank_size"] == round(0.1 * 10 * 16 * 16)  # 10 training images of 16×16 patches
 
 
 def test_patchcore_with_a_random_backbone_stays_below_the_bar(tiny_cfg, one_thread):
@@ -128,8 +128,9 @@ def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_threa
 
 
 def test_ddp_two_processes_select_the_same_coreset_as_one(tmp_path):
-    small = [o for o in TINY if not o.startswith("method.epochs")] + [
-        "method=patchcore", "dataset.n_train=7", "dataset.val_fraction=0", "eval_callbacks.test_outputs.max_overlays_per_type=0",
+    small = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_good"))] + [
+        "method=patchcore", "dataset.n_train=7", "dataset.val_fraction=0", "dataset.n_val_good=0",
+        "eval_callbacks.test_outputs.max_overlays_per_type=0",
         "method.epochs=3",  # ignored: no gradient steps
     ]
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -9,9 +9,9 @@ import torch
 
 from conftest import TINY, run_entry
 
-SMALL = [o for o in TINY if not o.startswith("method.epochs")] + [
+SMALL = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_good"))] + [
     "dataset.n_train=8",
-    "dataset.val_fraction=0",
+    "dataset.val_fraction=0", "dataset.n_val_good=0",
     "eval_callbacks.test_outputs.max_overlays_per_type=0",
 ]
 

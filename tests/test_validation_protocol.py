@@ -48,7 +48,7 @@ def test_perlin_region_is_not_a_blob_and_cutpaste_is_a_rectangle():
 
 
 def test_default_validation_has_every_generator_several_times(tiny_cfg):
-    cfg = tiny_cfg("dataset=textures/brick", "dataset.n_train=40", "dataset.val_fraction=0.2")
+    cfg = tiny_cfg("dataset=textures/brick", "dataset.n_train=40", "dataset.n_val_good=8")
     datamodule, _ = build(cfg)
     datamodule.setup("fit")
     val = datamodule.val_dataset()
@@ -64,7 +64,7 @@ def test_default_validation_has_every_generator_several_times(tiny_cfg):
 
 
 def test_validation_sizes_and_generators_are_options(tiny_cfg):
-    cfg = tiny_cfg("dataset.n_train=10", "dataset.val_fraction=0.2", "dataset.val_copies=2",
+    cfg = tiny_cfg("dataset.n_train=10", "dataset.n_val_good=2", "dataset.val_copies=2",
                    "dataset.val_defects=[perlin,cutpaste]")
     datamodule, _ = build(cfg)
     datamodule.setup("fit")

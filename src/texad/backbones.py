@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from texad.errors import TexadError
+from texad.geometry import Grid, LayerGeometry, resample
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class FeatureExtractor(nn.Module):
         checkpoint: str | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        alignment: str = "probed",
+        geometry_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -144,9 +147,15 @@ class FeatureExtractor(nn.Module):
         self.model.load_state_dict({k: v for k, v in source.items() if k in own})
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
+        self.model.eval().to(memory_format=torch.channels_last)
         self.channels = list(self.model.feature_info.channels())
         self.strides = list(self.model.feature_info.reduction())
+        self.geometry = LayerGeometry(self.forward, self.strides, lambda: self.model,
+                                      f"{name} layers {list(self.layers)}", alignment, geometry_cache)
+
+    def grids(self, input_hw: tuple[int, int], maps: Sequence[torch.Tensor]) -> list[Grid]:
+        """Where the cells of `maps` (this network's output for an input of `input_hw`) sit in the input."""
+        return self.geometry.grids_of(input_hw, maps)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """Stay in eval mode: batch-norm statistics of a frozen backbone must not move."""
@@ -154,16 +163,38 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(images))
+        return channels_last_forward(self.model, images)
+
+
+#: images per backbone call on a CPU: one at a time keeps a layer's activations in the caches, 1.1–2× faster
+#: per image than batches of 8 (efficientnet_lite0, 192²–1088², one thread); a GPU takes the whole batch
+CPU_MICRO_BATCH = 1
+
+
+def channels_last_forward(model: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+                          images: torch.Tensor) -> list[torch.Tensor]:
+    """`model(images)` in channels-last memory layout (the model's weights converted once by the caller),
+    in micro-batches on a CPU: oneDNN's depthwise and 1×1 convolutions run 15–35 % faster in that layout;
+    the maps come back in the usual layout, concatenated."""
+    x = images.contiguous(memory_format=torch.channels_last)
+    step = CPU_MICRO_BATCH if x.device.type == "cpu" else max(1, x.shape[0])
+    parts = [list(model(x[i:i + step])) for i in range(0, x.shape[0], step)]
+    return [torch.cat([p[k] for p in parts]).contiguous() if len(parts) > 1 else parts[0][k].contiguous()
+            for k in range(len(parts[0]))]
 
 
 PAD_MODES = ("reflect", "replicate", "zeros")
 
 
 def padded_features(
-    extract, images: torch.Tensor, pad: int, mode: str = "reflect", key: str = "method.input_padding"
-) -> list[torch.Tensor]:
-    """`extract(images)` on the image padded by `pad` pixels per side, each map cropped back.
+    extract: Callable[[torch.Tensor], tuple[list[torch.Tensor], list[Grid]]],
+    images: torch.Tensor,
+    pad: int,
+    mode: str = "reflect",
+    key: str = "method.input_padding",
+) -> tuple[list[torch.Tensor], list[Grid]]:
+    """`extract(images)` (maps and their grids) on the image padded by `pad` pixels per side, each map
+    cropped back and its grid given in the unpadded image's coordinates.
 
     Why: a backbone's own zero padding makes every border feature unlike any interior feature, so
     methods that compare patches (CFA's nearest centroids, FCA's patch statistics) score the image
@@ -183,29 +214,39 @@ def padded_features(
     if mode != "zeros" and pad >= min(h, w):
         raise TexadError(f"{key}={pad} must be smaller than the image side ({h}x{w}) for {mode} padding")
     padded = F.pad(images, (pad, pad, pad, pad), mode="constant" if mode == "zeros" else mode)
-    maps = extract(padded)
-    out = []
-    for f in maps:
+    maps, grids = extract(padded)
+    out, moved = [], []
+    for f, grid in zip(maps, grids):
         stride = padded.shape[-1] / f.shape[-1]
         crop = pad / stride
         if abs(crop - round(crop)) > 1e-6:
             raise TexadError(f"{key}={pad} must be a multiple of every feature stride (got a map of stride {stride:g})")
         crop = int(round(crop))
         out.append(f[..., crop : f.shape[-2] - crop, crop : f.shape[-1] - crop])
-    return out
+        moved.append(grid.cropped((crop, crop), (pad, pad)))
+    return out, moved
 
 
-def local_average_and_concat(features: list[torch.Tensor], pool: int = 3) -> torch.Tensor:
-    """CFA's input: each map pooled pool×pool (stride 1), upsampled to the first map, concatenated.
+def cropped_grid(net, image_hw: tuple[int, int], feature_hw: tuple[int, int], pad: int) -> Grid:
+    """The grid of `net`'s first-layer cells (`feature_hw` of them) for an image of `image_hw` that was
+    padded by `pad` before the network and cropped back (`padded_features`), without a forward pass."""
+    crop = pad // net.strides[0]
+    padded = (image_hw[0] + 2 * pad, image_hw[1] + 2 * pad)
+    cells = (feature_hw[0] + 2 * crop, feature_hw[1] + 2 * crop)
+    return net.geometry.grids(padded, [cells])[0].cropped((crop, crop), (pad, pad))
 
-    Works for non-square maps (the official code assumed square inputs).
+
+def concat_layers(features: Sequence[torch.Tensor], grids: Sequence[Grid], pool: int = 3) -> tuple[torch.Tensor, Grid]:
+    """Each map pooled pool×pool (stride 1), resampled onto the first map's cells, concatenated.
+
+    Every layer is read at the true centres of the first layer's cells (`texad.geometry`), so a
+    descriptor holds what each layer sees at one place. Works for non-square maps (the official
+    CFA code assumed square inputs). Returns the concatenation and its grid (the first map's).
     """
-    size = features[0].shape[-2:]
+    size, target = tuple(features[0].shape[-2:]), grids[0]
     out = []
-    for f in features:
+    for f, grid in zip(features, grids):
         if pool > 1:
             f = F.avg_pool2d(f, pool, stride=1, padding=pool // 2)
-        if f.shape[-2:] != size:
-            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        out.append(f)
-    return torch.cat(out, dim=1)
+        out.append(resample(f, grid, size, target))
+    return torch.cat(out, dim=1), target

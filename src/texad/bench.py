@@ -108,6 +108,7 @@ def measure_method(
             f"dataset.generated_size={size}",
             f"dataset.image_size={size}",
             f"dataset.n_train={n_train}",
+            "dataset.n_val_good=0",
             "dataset.n_test_good=4",
             "dataset.n_per_type=2",
             f"dataset.batch_size={batch}",

@@ -1,6 +1,7 @@
 """Compare the runs of a sweep without W&B: one table ranked by validation, seeds pooled, plots.
 
     python -m texad.compare outputs/multirun/<date>/<time> [--sort val/pixel_aupr] [--ascending] [--out DIR]
+    python -m texad.compare --paired RUN_OR_FOLDER_A RUN_OR_FOLDER_B [--out DIR]
 
 Each run dir of the sweep holds `.hydra/overrides.yaml` (what this job was given), `.hydra/config.yaml`
 (its composed config: `optimized_metric`, `seed`) and, if it finished, `metrics.json`. Parameters whose
@@ -15,6 +16,11 @@ metric is selecting on the test set.
 Seeds: runs that differ only in `seed` are one setting; `summary_seeds.csv` and the first table of
 `summary.md` give each setting's mean ± sample standard deviation (ddof 1; empty for one run) per
 metric and the number of runs, ranked by the mean of the sort metric.
+
+Intervals: test metrics carry their 95 % bootstrap interval over the test images (metrics.json's `ci95`,
+`texad.metrics.bootstrap`), shown as `[low, high]`; a setting's seeds get the interval of their mean.
+`--paired A B` compares two runs (or two folders of runs, e.g. two methods' seeds) on the same test set:
+per metric A − B and its paired 95 % interval, and whether it excludes 0.
 
 Writes `summary.csv` (one row per run), `summary_seeds.csv` (when some setting has several seeds),
 `summary.md` and `plots/<metric>__<param>.png` into the sweep dir (or --out), and prints the tables.
@@ -52,6 +58,8 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     optimized_metric: str | None = None  # from the run's .hydra/config.yaml
     seed: Any = None  # the run's seed (config.yaml, else its override)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # test metric → 95 % bootstrap interval
+    path: Path | None = None  # the run dir
 
     @property
     def status(self) -> str:
@@ -88,6 +96,18 @@ def flatten_metrics(record: dict[str, Any]) -> dict[str, float]:
             out.update({f"val/{k}": float(v) for k, v in value.items() if _is_number(v)})
         elif _is_number(value):
             out[key] = float(value)
+    return out
+
+
+def flat_intervals(record: dict[str, Any]) -> dict[str, list[float]]:
+    """metrics.json's `ci95` (texad.metrics.bootstrap) as {metric: [low, high]}; per-type AUROC as
+    `image_auroc_per_type/<type>`."""
+    out: dict[str, list[float]] = {}
+    for key, value in (record.get("ci95") or {}).items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, list)})
+        elif isinstance(value, list):
+            out[key] = value
     return out
 
 
@@ -133,14 +153,14 @@ def find_runs(sweep_dir: str | Path) -> list[RunRecord]:
         lines = yaml.safe_load(overrides_file.read_text()) or []
         overrides = dict(kv for kv in map(parse_override, lines) if kv is not None)
         metrics_file = run_dir / "metrics.json"
-        metrics = flatten_metrics(json.loads(metrics_file.read_text())) if metrics_file.is_file() else {}
+        record = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         conf = _read_run_config(run_dir)
         optimized = conf.get("optimized_metric")
         seed = conf.get(SEED_KEY, overrides.get(SEED_KEY))
         records.append(
             RunRecord(
-                str(run_dir.relative_to(root)) if run_dir != root else ".", overrides, metrics,
-                str(optimized) if optimized else None, seed,
+                str(run_dir.relative_to(root)) if run_dir != root else ".", overrides, flatten_metrics(record),
+                str(optimized) if optimized else None, seed, flat_intervals(record), run_dir,
             )
         )
     return records
@@ -190,6 +210,7 @@ class SeedGroup:
 
     params: dict[str, str]  # the swept values of this setting (seed excluded)
     runs: list[RunRecord]
+    _intervals: dict[str, list[float]] | None = field(default=None, repr=False)
 
     @property
     def seeds(self) -> list[Any]:
@@ -210,6 +231,15 @@ class SeedGroup:
         """Sample standard deviation (ddof 1) over the seeds; None with fewer than two values."""
         values = self.values(metric)
         return statistics.stdev(values) if len(values) > 1 else None
+
+    def interval(self, metric: str) -> list[float] | None:
+        """95 % bootstrap interval of the seed mean (every seed resampled alike), from the runs'
+        test_statistics.npz; a single run's own interval; None where they are missing."""
+        if len(self.runs) == 1:
+            return self.runs[0].intervals.get(metric)
+        if self._intervals is None:
+            self._intervals = group_interval_table([r.path for r in self.runs if r.metrics and r.path])
+        return self._intervals.get(metric)
 
 
 def group_by_seed(runs: Sequence[RunRecord], params: Sequence[str]) -> list[SeedGroup]:
@@ -259,8 +289,18 @@ class Summary:
     def group_columns(self) -> list[str]:
         cols = ["rank", *self.group_params, "n_runs", "seeds"]
         for m in self.metrics:
-            cols += [f"{m}_mean", f"{m}_std"]
+            cols += [f"{m}_mean", f"{m}_std"] + ([f"{m}_ci_low", f"{m}_ci_high"] if m in self.interval_metrics else [])
         return cols
+
+    @property
+    def interval_metrics(self) -> list[str]:
+        """Metrics some run has a bootstrap interval for."""
+        return [m for m in self.metrics if any(m in r.intervals for r in self.runs)]
+
+    @property
+    def csv_columns(self) -> list[str]:
+        return [*self.columns[:-1], *(f"{m}_ci_{e}" for m in self.interval_metrics for e in ("low", "high")),
+                "status"]
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -268,6 +308,9 @@ class Summary:
             row: dict[str, Any] = {"rank": i, "run": r.run, "status": r.status}
             row.update({p: r.overrides.get(p, "") for p in self.params})
             row.update({m: r.metrics.get(m, "") for m in self.metrics})
+            for m in self.interval_metrics:
+                low, high = r.intervals.get(m) or ("", "")
+                row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
             out.append(row)
         return out
 
@@ -280,6 +323,9 @@ class Summary:
                 mean, std = g.mean(m), g.std(m)
                 row[f"{m}_mean"] = "" if mean is None else mean
                 row[f"{m}_std"] = "" if std is None else std
+                if m in self.interval_metrics:
+                    low, high = g.interval(m) or ("", "")
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
             out.append(row)
         return out
 
@@ -294,6 +340,75 @@ def summarize(sweep_dir: str | Path, sort: str | None = None, ascending: bool = 
     return Summary(Path(sweep_dir), sort_runs(runs, sort, ascending), params, fixed, metrics, sort, groups)
 
 
+# --- bootstrap intervals of seed groups, and paired comparisons (texad.metrics.bootstrap) ----------
+
+
+def statistics_runs(folder: str | Path) -> list[Path]:
+    """Run dirs with test statistics: `folder` itself, or every run below it (e.g. a method's seeds)."""
+    from texad.metrics.bootstrap import STATISTICS_FILE
+
+    root = Path(folder)
+    if (root / STATISTICS_FILE).is_file():
+        return [root]
+    return sorted((p.parent for p in root.rglob(STATISTICS_FILE)), key=lambda p: _natural_key(str(p)))
+
+
+def _flat(table: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def group_interval_table(run_dirs: Sequence[Path]) -> dict[str, list[float]]:
+    """95 % intervals of the mean over `run_dirs` (same test set, resampled alike); {} if a run lacks
+    test_statistics.npz or the runs' test sets differ."""
+    from texad.errors import TexadError
+    from texad.metrics.bootstrap import STATISTICS_FILE, TestStatistics, group_intervals
+
+    files = [Path(d) / STATISTICS_FILE for d in run_dirs]
+    if not files or not all(f.is_file() for f in files):
+        return {}
+    try:
+        return {k: v for k, v in _flat(group_intervals([TestStatistics.load(f) for f in files])).items() if v}
+    except TexadError:
+        return {}
+
+
+def paired_table(a: str | Path, b: str | Path) -> tuple[list[dict[str, Any]], list[Path], list[Path]]:
+    """Per metric, A − B (seed means) with its paired 95 % bootstrap interval; A and B are run dirs or
+    folders of runs (seeds) on the same test images."""
+    from texad.errors import TexadError
+    from texad.metrics.bootstrap import STATISTICS_FILE, TestStatistics, paired_differences
+
+    runs_a, runs_b = statistics_runs(a), statistics_runs(b)
+    for name, runs in (("A", runs_a), ("B", runs_b)):
+        if not runs:
+            raise TexadError(f"{name}: no {STATISTICS_FILE} under {str(a if name == 'A' else b)!r} (a run dir of "
+                             "texad, or a folder of them; runs older than the bootstrap need evaluate.py again)")
+    diffs = paired_differences([TestStatistics.load(d / STATISTICS_FILE) for d in runs_a],
+                               [TestStatistics.load(d / STATISTICS_FILE) for d in runs_b])
+    rows = [{"metric": k, **v} for k, v in diffs.items()]
+    return rows, runs_a, runs_b
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]], a: str | Path, b: str | Path, n_a: int, n_b: int) -> str:
+    lines = [
+        f"# A − B: A = `{a}` ({n_a} run{'s' * (n_a > 1)}), B = `{b}` ({n_b} run{'s' * (n_b > 1)})", "",
+        "Paired bootstrap over the test images (both resampled with the same draws, normal and defective images "
+        "apart); with several runs, the difference of their means. `differs`: the 95 % interval excludes 0.", "",
+        "| metric | A | B | A − B | 95 % interval | differs |", "|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        interval = "" if r["low"] is None else f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+        differs = "" if r["excludes_zero"] is None else ("yes" if r["excludes_zero"] else "no")
+        lines.append(f"| {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['difference']:+.4f} | {interval} | {differs} |")
+    return "\n".join(lines) + "\n"
+
+
 def _to_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
@@ -303,7 +418,7 @@ def _to_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
 
 
 def to_csv(summary: Summary) -> str:
-    return _to_csv(summary.columns, summary.rows())
+    return _to_csv(summary.csv_columns, summary.rows())
 
 
 def seeds_to_csv(summary: Summary) -> str:
@@ -316,10 +431,15 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _mean_std_cell(mean: float | None, std: float | None) -> str:
+def _mean_std_cell(mean: float | None, std: float | None, interval: list[float] | None = None) -> str:
     if mean is None:
         return ""
-    return _cell(mean) if std is None else f"{_cell(mean)} ± {_cell(std)}"
+    text = _cell(mean) if std is None else f"{_cell(mean)} ± {_cell(std)}"
+    return text + _interval_text(interval)
+
+
+def _interval_text(interval: list[float] | None) -> str:
+    return "" if not interval else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def _header(summary: Summary, col: str) -> str:
@@ -348,7 +468,8 @@ def to_markdown(summary: Summary) -> str:
         lines.append("|---:|" + "|".join("---" if c in summary.group_params else "---:" for c in cols) + "|")
         for i, g in enumerate(summary.groups, 1):
             cells = [str(i), *(_cell(g.params[p]) for p in summary.group_params), str(g.n_ok)]
-            cells += [_mean_std_cell(g.mean(m), g.std(m)) for m in summary.metrics]
+            cells += [_mean_std_cell(g.mean(m), g.std(m), g.interval(m) if m in summary.interval_metrics else None)
+                      for m in summary.metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"## {len(summary.runs)} runs", ""]
     else:
@@ -356,8 +477,12 @@ def to_markdown(summary: Summary) -> str:
     cols = summary.columns
     lines.append("| " + " | ".join(_header(summary, c) for c in cols) + " |")
     lines.append("|" + "|".join("---:" if c in summary.metrics or c == "rank" else "---" for c in cols) + "|")
-    for row in summary.rows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    for run, row in zip(summary.runs, summary.rows()):
+        lines.append("| " + " | ".join(_cell(row[c]) + (_interval_text(run.intervals.get(c)) if row[c] != "" else "")
+                                       for c in cols) + " |")
+    if summary.interval_metrics:
+        lines += ["", "[low, high]: 95 % bootstrap interval over the test images (texad.metrics.bootstrap); for a "
+                  "setting's seeds, the interval of their mean."]
     return "\n".join(lines) + "\n"
 
 
@@ -398,7 +523,10 @@ def write_plots(summary: Summary, out_dir: str | Path, metrics: Sequence[str] | 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m texad.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="a multirun dir, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun dir, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("--paired", nargs=2, metavar=("A", "B"), default=None,
+                        help="paired comparison of two runs, or two folders of runs (seeds), on the same test set: "
+                        "A − B per metric with its 95 %% bootstrap interval")
     parser.add_argument(
         "--sort", default=None,
         help=f"metric to rank by (default: the runs' optimized_metric, {DEFAULT_SORT} unless set); "
@@ -408,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where summary.* and plots/ go (default: the sweep dir)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if args.paired:
+        return _paired_main(*args.paired, args.out)
+    if args.sweep_dir is None:
+        parser.error("give a sweep dir, or --paired A B")
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         print(f"texad.compare: error: {str(sweep_dir)!r} is not a directory", file=sys.stderr)
@@ -426,6 +558,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(to_markdown(summary))
     seeds = f", {out_dir / 'summary_seeds.csv'}" if summary.has_seed_groups else ""
     print(f"wrote {csv_path}{seeds}, {md_path} and {len(plots)} plots in {out_dir / 'plots'}")
+    return 0
+
+
+def _paired_main(a: str, b: str, out: str | None) -> int:
+    from texad.errors import TexadError
+
+    try:
+        rows, runs_a, runs_b = paired_table(a, b)
+    except TexadError as err:
+        print(f"texad.compare: error: {err}", file=sys.stderr)
+        return 1
+    text = paired_markdown(rows, a, b, len(runs_a), len(runs_b))
+    print(text)
+    if out:
+        target = Path(out) / "paired.md"
+        atomic_write(target, lambda tmp: tmp.write_text(text))
+        atomic_write(Path(out) / "paired.csv", lambda tmp: tmp.write_text(
+            _to_csv(["metric", "a", "b", "difference", "low", "high", "excludes_zero"], rows)))
+        print(f"wrote {target} and {Path(out) / 'paired.csv'}")
     return 0
 
 

@@ -19,8 +19,10 @@ import torch
 
 from texad.errors import TexadError
 from texad.metrics import functional as mf
-from texad.metrics.aupimo import pixel_aupimo
+from texad.metrics.aupimo import aupimo_per_image, pixel_aupimo
+from texad.metrics.bootstrap import TestStatistics, collect_statistics, intervals
 from texad.metrics.border import ring_ratio
+from texad.metrics.offset import defect_alignment, offset_record
 from texad.metrics.pixel import pixel_metric_record
 from texad.ops import gaussian_blur2d, image_score
 
@@ -112,6 +114,7 @@ class FusionResult:
     n_points: int
     seconds: float
     table: list[tuple[list[float], float]] = field(default_factory=list)  # every (α, value), for plots
+    views_alone: dict[str, dict[str, float | None]] = field(default_factory=dict)  # test metrics of each view alone
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,7 @@ class FusionResult:
             "metric": self.metric,
             "n_points": self.n_points,
             "seconds": round(self.seconds, 3),
+            "test_views_alone": self.views_alone,
         }
 
 
@@ -185,6 +189,7 @@ def fused_metrics(
         mask_np = masks.numpy()
         out.update(pixel_metric_record(fused, mask_np))
         out["pixel_aupimo"] = pixel_aupimo(fused, mask_np)
+        out.update(offset_record(defect_alignment(fused_t, masks.reshape(fused_t.shape))))
         if thresholds.get("pixel") is not None:
             out["pixel_f1_at_val"] = mf.f1_at_threshold(fused.ravel(), mask_np.ravel(), float(thresholds["pixel"]))
     if labels is not None and (labels >= 0).all():
@@ -223,8 +228,30 @@ def refuse(
     test_blurred = blur_views(test["maps"], blur_sigma)
     val_metrics = fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha, image_rule)
     chosen = {"pixel": val_metrics.get("pixel_f1_threshold"), "image": val_metrics.get("image_f1_threshold")}
-    return result, val_metrics, fused_metrics(test_blurred, test["masks"], test["labels"], result.alpha, image_rule,
-                                              chosen)
+    test_metrics = fused_metrics(test_blurred, test["masks"], test["labels"], result.alpha, image_rule, chosen)
+    # each view alone on test, for reporting beside the fused map (issue 19: does a view add anything?)
+    result.views_alone = {
+        v: {k: fused_metrics(test_blurred, test["masks"], test["labels"], {v: 1.0}, image_rule).get(k)
+            for k in ("pixel_aupr", "pixel_f1", "pixel_aupro", "pixel_auroc", "image_auroc")}
+        for v in views
+    } if len(views) > 1 else {}
+    if "paths" in test and (test["labels"] >= 0).all():
+        stats = fused_statistics(test_blurred, test, result.alpha, image_rule, chosen)
+        test_metrics["ci95"] = intervals(stats)
+        test_metrics["statistics"] = stats
+    return result, val_metrics, test_metrics
+
+
+def fused_statistics(blurred: Mapping[str, np.ndarray], split: Mapping[str, Any], alpha: Mapping[str, float],
+                     image_rule: tuple[str, float], thresholds: Mapping[str, float | None]) -> TestStatistics:
+    """The bootstrap's per-image statistics (texad.metrics.bootstrap) of the fused maps at α."""
+    fused = torch.from_numpy(np.ascontiguousarray(sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items()),
+                                                  dtype=np.float32))
+    masks = split["masks"]
+    aupimo = None if masks is None else aupimo_per_image(fused.numpy(), masks.numpy())
+    return collect_statistics(image_score(fused, *image_rule), split["labels"], split["paths"],
+                              split.get("types") or ["unknown"] * len(split["paths"]), fused,
+                              None if masks is None else masks.reshape(fused.shape), aupimo, dict(thresholds))
 
 
 def time_refusion(
@@ -298,7 +325,8 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
     )
     record = result.as_record()
     record["trained_alpha"] = [float(a) for a in method.hparams.alpha]
-    record["test_at_trained_alpha"] = dict(results["test"])
+    record["test_at_trained_alpha"] = {k: v for k, v in results["test"].items() if k != "ci95"}
+    method.test_statistics = test.pop("statistics", None)
     results["val"], results["test"] = val, test
     return record
 

@@ -158,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)
     record = metrics_record(cfg, results, time.time() - start, {**(getattr(method, "fit_info", None) or {}), **fit_info})
+    write_statistics(method, out_dir)
     write_json(out_dir / "metrics.json", record)
     log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
     return record
@@ -220,6 +221,11 @@ def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
     saved = checkpoint.get("texad_config") if isinstance(checkpoint, dict) else None
     if not saved:
         raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
+    backbone = saved.get("backbone")
+    if isinstance(backbone, dict) and "alignment" not in backbone:
+        # written before texad.geometry: its heads and banks were fitted on the legacy cell centres
+        log.warning("checkpoint %s predates map alignment: evaluated with backbone.alignment=legacy", path)
+        backbone["alignment"] = "legacy"
     return checkpoint, saved
 
 
@@ -254,5 +260,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         extra["fusion"] = refuse_method(method, results, fusion)
     record = metrics_record(run_cfg, results, time.time() - start, extra)
+    write_statistics(method, Path(cfg.paths.output_dir))
     write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
     return record
+
+
+def write_statistics(method: AnomalyModule, out_dir: Path) -> None:
+    """The test pass's per-image statistics (`texad.metrics.bootstrap`), for paired comparisons."""
+    from texad.metrics.bootstrap import STATISTICS_FILE
+
+    stats = getattr(method, "test_statistics", None)
+    if stats is not None:
+        stats.save(out_dir / STATISTICS_FILE)

@@ -62,7 +62,7 @@ class Snapshots(Callback):
 def split_maps(method, loader) -> dict[str, Any]:
     """Unsmoothed per-view maps (N,H,W), masks and labels of one split."""
     maps: dict[str, list[torch.Tensor]] = {}
-    masks, labels = [], []
+    masks, labels, paths, types = [], [], [], []
     for batch in loader:
         feats = method._feats(batch)
         views = method.model.view_maps(feats, tuple(batch.image.shape[-2:]), batch.superpixels)
@@ -70,7 +70,29 @@ def split_maps(method, loader) -> dict[str, Any]:
             maps.setdefault(v, []).append(m.float().cpu())
         masks.append(batch.mask[:, 0].cpu() > 0.5)
         labels.append(batch.label.cpu())
-    return {"maps": {v: torch.cat(m) for v, m in maps.items()}, "masks": torch.cat(masks), "labels": torch.cat(labels)}
+        paths += list(batch.path)
+        types += list(batch.defect_type)
+    return {"maps": {v: torch.cat(m) for v, m in maps.items()}, "masks": torch.cat(masks), "labels": torch.cat(labels),
+            "paths": paths, "types": types}
+
+
+def statistics_of(amap: torch.Tensor, data: dict[str, Any]):
+    """Bootstrap statistics (texad.metrics.bootstrap) of one split's maps at one setting."""
+    from texad.metrics.bootstrap import collect_statistics
+    from texad.ops import image_score
+
+    return collect_statistics(image_score(amap, "max"), data["labels"], data["paths"], data["types"], amap,
+                              data["masks"])
+
+
+def rho_record(rows: list[dict], stats: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """ρ(validation, test) per metric over the rows, its 95 % bootstrap interval over both splits' images."""
+    from texad.metrics.bootstrap import rank_correlation_interval
+
+    return {
+        "rho": {m: spearman([r[f"val/{m}"] for r in rows], [r[f"test/{m}"] for r in rows]) for m in METRICS},
+        "rho_ci95": {m: rank_correlation_interval(stats, m) for m in METRICS},
+    }
 
 
 def scores_of(amap: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -122,7 +144,7 @@ def check_cfa(
     snaps = Snapshots(epochs)
     datamodule, method = fit(cfg, [snaps])
     method.eval()
-    rows = []
+    rows, stats = [], []
     for epoch in sorted(snaps.states):
         method.model.heads.load_state_dict(snaps.states[epoch])
         method._calibrate()  # a calibrated method (method.calibration=location) calibrates these heads
@@ -131,13 +153,28 @@ def check_cfa(
             splits = {s: split_maps(method, getattr(datamodule, f"{s}_dataloader")()) for s in ("val", "test")}
             for sigma in sigmas:
                 row: dict[str, Any] = {"epoch": epoch, "score": rule, "sigma": sigma}
+                pair = []
                 for s, data in splits.items():
                     amap = gaussian_blur2d(data["maps"]["org"], sigma)
                     row.update({f"{s}/{k}": v for k, v in scores_of(amap, data["masks"], data["labels"]).items()})
+                    pair.append(statistics_of(amap, data))
                 rows.append(row)
+                stats.append(tuple(pair))
                 log.info("%s %s", dataset, row)
     return {"kind": "cfa", "dataset": dataset, "rows": rows, "seconds": time.time() - start,
-            "rho": {m: spearman([r[f"val/{m}"] for r in rows], [r[f"test/{m}"] for r in rows]) for m in METRICS}}
+            **rho_record(rows, stats), "by_factor": by_factor(rows, ("epoch", "score", "sigma"))}
+
+
+def by_factor(rows: list[dict], factors: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """ρ(validation, test) within each level of each factor (e.g. over epochs × rules at σ = 4): where the
+    agreement breaks."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for factor in factors:
+        for level in dict.fromkeys(str(r[factor]) for r in rows):
+            mine = [r for r in rows if str(r[factor]) == level]
+            out.setdefault(factor, {})[level] = {
+                m: spearman([r[f"val/{m}"] for r in mine], [r[f"test/{m}"] for r in mine]) for m in METRICS}
+    return out
 
 
 def check_spcfa_alpha(dataset: str, step: float, overrides: Sequence[str]) -> dict:
@@ -153,24 +190,36 @@ def check_spcfa_alpha(dataset: str, step: float, overrides: Sequence[str]) -> di
     views = method.model.view_names
     sigma = method.model.blur_sigma
     blurred = {s: {v: gaussian_blur2d(d["maps"][v], sigma) for v in views} for s, d in splits.items()}
-    rows = []
+    rows, stats = [], []
     for weights in simplex_grid(len(views), step):
         row: dict[str, Any] = {"alpha": [round(float(w), 4) for w in weights]}
+        pair = []
         for s, data in splits.items():
             amap = sum(float(w) * blurred[s][v] for w, v in zip(weights, views))
             row.update({f"{s}/{k}": v for k, v in scores_of(amap, data["masks"], data["labels"]).items()})
+            pair.append(statistics_of(amap, data))
         rows.append(row)
+        stats.append(tuple(pair))
     return {"kind": "spcfa_alpha", "dataset": dataset, "views": views, "rows": rows, "seconds": time.time() - start,
-            "rho": {m: spearman([r[f"val/{m}"] for r in rows], [r[f"test/{m}"] for r in rows]) for m in METRICS}}
+            **rho_record(rows, stats)}
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| set | settings | n | ρ P-AUPR (val↔test) | ρ AUPRO (val↔test) | time |", "|---|---|---|---|---|---|"]
+    lines = ["| set | settings | n | ρ P-AUPR (val↔test) [95 %] | ρ AUPRO (val↔test) [95 %] | time |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         what = "CFA epochs × score rule × σ" if r["kind"] == "cfa" else f"Sp-CFA α over views {r['views']}"
-        rho = {m: ("–" if r["rho"][m] is None else f"{r['rho'][m]:.2f}") for m in METRICS}
+        rho = {}
+        for m in METRICS:
+            ci = (r.get("rho_ci95") or {}).get(m)
+            rho[m] = ("–" if r["rho"][m] is None else f"{r['rho'][m]:.2f}") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         lines.append(f"| {r['dataset']} | {what} | {len(r['rows'])} | {rho['pixel_aupr']} | {rho['pixel_aupro']} | "
                      f"{r['seconds']:.0f} s |")
+    for r in results:
+        for factor, levels in (r.get("by_factor") or {}).items():
+            cells = ", ".join(f"{level}: " + " / ".join("–" if v is None else f"{v:.2f}" for v in rho.values())
+                              for level, rho in levels.items())
+            lines.append(f"\nρ P-AUPR / AUPRO within each {factor} ({r['dataset']}): {cells}")
     for r in results:
         lines += ["", f"### {r['dataset']} — {r['kind']}", ""]
         keys = [k for k in r["rows"][0] if "/" not in k]

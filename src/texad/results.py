@@ -73,6 +73,7 @@ class MethodEntry:
     overrides: list[str] = field(default_factory=list)
     evaluate: list[str] = field(default_factory=list)
     table: str = "main"
+    seeds: list[int] | None = None  # the method's own seeds (e.g. [0] for a deterministic one); None: the plan's
 
 
 @dataclass
@@ -101,6 +102,7 @@ class RunResult:
     selection: str = DEFAULT_SELECTION
     wall_time_s: float | None = None
     reused: bool = True  # its metrics.json was there before this command (a resumed sweep)
+    final_dir: Path | None = None  # where its final metrics.json (and test_statistics.npz) are
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -134,9 +136,10 @@ def method_entries(table: dict[str, Any], wanted: Sequence[str] | None) -> tuple
         if not (ROOT / "conf" / "method" / f"{name}.yaml").is_file():
             skipped.append(f"skipped method {name}: conf/method/{name}.yaml does not exist")
             continue
+        own_seeds = spec.get("seeds")
         entries.append(MethodEntry(
             name, [str(o) for o in spec.get("overrides") or []], [str(o) for o in spec.get("evaluate") or []],
-            str(spec.get("table", "main")),
+            str(spec.get("table", "main")), None if own_seeds is None else [int(k) for k in own_seeds],
         ))
     return entries, skipped
 
@@ -327,6 +330,7 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
                 return result
     fit = _read_json(train_metrics)
     record = _read_json(final)
+    result.final_dir = final.parent
     if entry.evaluate:  # what only the fit knows comes from train.py's record
         record.update({k: fit[k] for k in FIT_KEYS if k in fit and k not in record})
     result.metrics = _flatten(record)
@@ -373,6 +377,36 @@ class Row:
         values = self.values(key)
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def interval(self, key: str) -> list[float] | None:
+        """95 % bootstrap interval of the seed mean over the test images (every seed resampled alike)."""
+        if self._intervals is None:
+            from texad.compare import group_interval_table
+
+            self._intervals = group_interval_table([r.final_dir for r in self.ok if r.final_dir is not None])
+        return self._intervals.get(key)
+
+    _intervals: dict[str, list[float]] | None = field(default=None, repr=False)
+
+
+#: metrics where higher is better: the table marks, per set, the rows whose interval overlaps the best one's
+RANKED = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_at_val", "pixel_aupimo", "image_auroc",
+          "image_f1", "image_f1_at_val", "nmi", "ari", "cluster_f1")
+
+
+def close_to_best(rows: Sequence[Row], key: str) -> tuple[Row | None, set[int]]:
+    """The row with the best mean of `key` among `rows` (one set), and the ids of rows whose interval overlaps
+    its interval: a difference the test set cannot tell from noise. Marks, never a ranking."""
+    have = [r for r in rows if r.mean(key) is not None]
+    if key not in RANKED or len(have) < 2:
+        return None, set()
+    best = max(have, key=lambda r: r.mean(key))
+    ref = best.interval(key)
+    if ref is None:
+        return best, set()
+    close = {id(r) for r in have if r is not best and r.interval(key) and r.interval(key)[1] >= ref[0]
+             and r.interval(key)[0] <= ref[1]}
+    return best, close
+
 
 def build_rows(plan: Plan, results: Sequence[RunResult]) -> list[Row]:
     rows = []
@@ -400,7 +434,7 @@ def to_csv(plan: Plan, rows: Sequence[Row]) -> str:
     metric_keys.append("wall_time_s")
     columns = ["table", "method", "set", "n_seeds", "seeds", "failed", "selection_metric"]
     for key in metric_keys:
-        columns += [f"{key}_mean", f"{key}_std"]
+        columns += [f"{key}_mean", f"{key}_std", f"{key}_ci_low", f"{key}_ci_high"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -414,6 +448,8 @@ def to_csv(plan: Plan, rows: Sequence[Row]) -> str:
             mean, std = row.mean(key), row.std(key)
             out[f"{key}_mean"] = "" if mean is None else mean
             out[f"{key}_std"] = "" if std is None else std
+            low, high = row.interval(key) or ("", "")
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = low, high
         writer.writerow(out)
     return buf.getvalue()
 
@@ -441,20 +477,31 @@ def _fmt(value: float, key: str) -> str:
     return f"{value:.3f}"
 
 
-def _cell(row: Row, key: str) -> str:
+def _cell(row: Row, key: str, mark: str = "") -> str:
     mean, std = row.mean(key), row.std(key)
     if mean is None:
         return "–"
-    return _fmt(mean, key) if std is None else f"{_fmt(mean, key)} ± {_fmt(std, key)}"
+    text = _fmt(mean, key) if std is None else f"{_fmt(mean, key)} ± {_fmt(std, key)}"
+    interval = row.interval(key) if not key.startswith("val/") else None
+    if interval:
+        text += f" [{_fmt(interval[0], key)}, {_fmt(interval[1], key)}]"
+    return f"**{text}**" if mark == "best" else text + (" ≈" if mark == "close" else "")
 
 
 def _markdown_table(plan: Plan, rows: Sequence[Row], columns: Sequence[str], with_set: bool) -> list[str]:
     head = ["method", *(["set"] if with_set else []), "n", *columns, "wall time / run (s)"]
     labels = [f"{c} (selection)" if c.startswith("val/") else c for c in head]
     lines = ["| " + " | ".join(labels) + " |", "|" + "|".join("---" if h in ("method", "set") else "---:" for h in head) + "|"]
+    marks: dict[tuple[int, str], str] = {}
+    for key in columns:
+        for set_name in dict.fromkeys(r.set for r in rows):
+            best, close = close_to_best([r for r in rows if r.set == set_name], key)
+            if best is not None:
+                marks[(id(best), key)] = "best"
+                marks.update({(i, key): "close" for i in close})
     for row in rows:
         cells = [row.method, *([row.set] if with_set else []), str(len(row.ok))]
-        cells += [_cell(row, c) for c in columns] + [_cell(row, "wall_time_s")]
+        cells += [_cell(row, c, marks.get((id(row), c), "")) for c in columns] + [_cell(row, "wall_time_s")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -466,9 +513,12 @@ def to_markdown(plan: Plan, rows: Sequence[Row], results: Sequence[RunResult], c
         f"`{command}`: sets {', '.join(plan.sets)}; seeds {' '.join(map(str, plan.seeds))}; "
         f"common overrides `{' '.join(plan.common) or '-'}`.",
         "",
-        "Cells: mean ± sample standard deviation (ddof 1) over the n seeds that finished. Test metrics, except "
+        "Cells: mean ± sample standard deviation (ddof 1) over the n seeds that finished, then [the 95 % bootstrap "
+        "interval of that mean over the test images] (texad.metrics.bootstrap). Test metrics, except "
         "the `val/…` (selection) column: the validation metric each run selected its settings on (epochs, "
-        "Sp-CFA's α). Rows follow the table's method order; they are not ranked, and no test metric chose anything.",
+        "Sp-CFA's α). Rows follow the table's method order; they are not ranked, and no test metric chose anything. "
+        "Per set and metric, **bold** is the highest mean and ≈ marks the rows whose interval overlaps the bold one's: "
+        "differences this test set cannot tell from noise (`python -m texad.compare --paired` tests a pair).",
         "",
     ]
     main = [r for r in rows if r.table == "main"]
@@ -517,9 +567,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 jobs, threads, skipped)
 
 
+def seeds_of(plan: Plan, entry: MethodEntry) -> list[int]:
+    """The plan's seeds, or those of the method's `seeds` among them (a deterministic method runs once)."""
+    if entry.seeds is None:
+        return list(plan.seeds)
+    return [k for k in plan.seeds if k in entry.seeds] or list(plan.seeds[:1])
+
+
 def run_plan(plan: Plan, log=print, collect: bool = False) -> list[RunResult]:
     """Every run of the plan, `plan.jobs` at a time (each a subprocess); results in the plan's order."""
-    jobs = [(e, s, k) for e in plan.methods for s in plan.sets for k in plan.seeds]
+    jobs = [(e, s, k) for e in plan.methods for s in plan.sets for k in seeds_of(plan, e)]
     _STOPPING.clear()
     done = 0
     lock = threading.Lock()
@@ -608,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "methods": [vars(e) for e in plan.methods], "skipped": plan.skipped,
             })
         verb = "collected from" if args.collect else "into"
-        print(f"texad.results: {len(plan.methods) * len(plan.sets) * len(plan.seeds)} runs {verb} {plan.out}")
+        print(f"texad.results: {sum(len(seeds_of(plan, e)) for e in plan.methods) * len(plan.sets)} runs {verb} {plan.out}")
         results = run_plan(plan, collect=args.collect)
         md_path, csv_path, md = write_outputs(plan, results, command)
     except TexadError as err:

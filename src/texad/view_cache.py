@@ -26,10 +26,12 @@ from texad.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 #: bump when a change of the code changes what a cached view would contain
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: aligned feature maps (texad.geometry)
 
 #: dataset keys that change neither the images nor the training (loader plumbing only)
 _DATASET_IGNORED = ("eval_batch_size", "num_workers", "_convert_")
+#: backbone keys that change no feature (where a cache lives)
+_BACKBONE_IGNORED = ("geometry_cache",)
 #: method keys that decide one trained view (α, blur and the other views' settings do not)
 _TRAINING_KEYS = (
     "_target_", "epochs", "k", "j", "r0", "loss_alpha", "nu", "gamma_c", "gamma_d", "lr", "weight_decay",
@@ -63,7 +65,7 @@ def run_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "version": CACHE_VERSION,
         "dataset": {k: v for k, v in dataset.items() if k not in _DATASET_IGNORED},
-        "backbone": dict(plain["backbone"]),
+        "backbone": {k: v for k, v in plain["backbone"].items() if k not in _BACKBONE_IGNORED},
         "training": {
             **{k: method.get(k) for k in _TRAINING_KEYS},
             "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS},

@@ -1,11 +1,12 @@
 """One LightningDataModule for every data set; subclasses only say how to list their samples.
 
-Splits: the normal training images minus a seeded validation hold-out; the validation set is the
-hold-out plus `val_copies` synthetic-defect copies of each held-out image (exact masks), drawn
-round-robin from `val_defects` (by default every generator of `texad.data.synthetic`, including the
-validation-only Perlin and CutPaste ones), so sweeps select settings on anomalies without ever
-touching the test set. `setting="blind"` trains on the
-unlabelled test images themselves (the transductive protocol of blind localization).
+Splits: the normal training images minus a seeded validation hold-out (`val_fraction`), or, where the
+data set ships validation normals of its own (`val/good/`, as the embedded texture sets do), those.
+The validation set is these normals plus `val_copies` synthetic-defect copies of each (exact masks),
+drawn round-robin from `val_defects` (by default every generator of `texad.data.synthetic`, including
+the validation-only Perlin and CutPaste ones), so sweeps select settings on anomalies without ever
+touching the test set. `setting="blind"` trains on the unlabelled test images themselves (the
+transductive protocol of blind localization).
 """
 
 from __future__ import annotations
@@ -172,6 +173,10 @@ class AnomalyDataModule(L.LightningDataModule):
             self.split = split
             self.train_samples, self.val_samples = list(split.test), []
             return
+        if split.val:  # the data set's own validation normals: no training image is held out
+            self.val_samples, self.train_samples = list(split.val), list(split.train)
+            self.split = split
+            return
         order = np.random.default_rng(self.seed).permutation(len(split.train))
         n_val = int(round(self.val_fraction * len(split.train)))
         if n_val >= len(split.train):
@@ -313,7 +318,8 @@ class MTDDataModule(AnomalyDataModule):
 
 
 class TextureDataModule(AnomalyDataModule):
-    """Embedded texture sets (scikit-image brick/grass/gravel + synthetic defects), generated once."""
+    """Embedded texture sets (scikit-image brick/grass/gravel + synthetic defects), generated once; training,
+    validation (`n_val_good` normals of their own) and test images from disjoint parts of each photo."""
 
     def __init__(
         self,
@@ -321,16 +327,17 @@ class TextureDataModule(AnomalyDataModule):
         cache_dir: str,
         generated_size: int = 256,
         n_train: int = 40,
-        n_test_good: int = 12,
-        n_per_type: int = 8,
+        n_val_good: int = 10,
+        n_test_good: int = 64,
+        n_per_type: int = 16,
         generation_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.texture, self.cache_dir = texture, Path(cache_dir).expanduser().absolute()
         self.gen = dict(
-            image_size=generated_size, n_train=n_train, n_test_good=n_test_good, n_per_type=n_per_type,
-            seed=generation_seed,
+            image_size=generated_size, n_train=n_train, n_val_good=n_val_good, n_test_good=n_test_good,
+            n_per_type=n_per_type, seed=generation_seed,
         )
 
     def list_samples(self) -> SampleSplit:

@@ -1,8 +1,24 @@
 """Data sets that ship with texad: no download, written once into a cache folder in MVTec AD layout.
 
-- Texture sets ("brick", "grass", "gravel") are crops of scikit-image's 512x512 sample textures with
-  synthetic defects (`texad.data.synthetic`) and exact masks. Crops only get random offsets and
-  horizontal flips: a rotation would turn a directional texture such as brick into an anomaly.
+- Texture sets ("brick", "grass", "gravel"): crops of scikit-image's 512×512 sample photos with
+  synthetic defects (`texad.data.synthetic`) and exact masks. Version 2 (issue 20) cuts training,
+  validation and test crops from disjoint parts of each photo (`REGIONS`: horizontal bands over the full
+  width, 16 rows apart), so no test image shares a pixel with a training or validation image:
+
+  | split | photo rows | crop positions (128² crops) | 128² crops of area, × 4 flips |
+  |---|---|---|---|
+  | train/good | 0–183 | 57 × 385 | 5.75 |
+  | val/good | 200–327 | 1 × 385 | 4 |
+  | test (good and defective) | 344–511 | 41 × 385 | 5.25 |
+
+  How much a split can vary: its band holds the area of 4–6 non-overlapping crops, and each crop is
+  also flipped left-right and up-down at random (no rotation: brick's courses and grass's blades have a
+  direction); images of one split overlap in content, so 64 test normals are not 64 independent views
+  of the surface (the bootstrap intervals of `texad.metrics.bootstrap` treat them as exchangeable
+  draws of this band). Crops are 128 source pixels, resized to `image_size` (256 by default: the
+  texture at twice the photo's scale; 128 keeps it 1:1). Each image has its own generator seeded by
+  (seed, texture, folder, index), so a set is reproducible byte for byte and raising one count leaves
+  the other images unchanged.
 - ELPV: the electroluminescence solar-cell images of the `elpv-dataset` package, image labels only.
 
 Each set is built in a temporary folder next to its target, marked complete with a JSON file holding
@@ -31,8 +47,11 @@ from texad.errors import TexadError
 TEXTURES = ("brick", "grass", "gravel")
 CELL_TYPES = ("mono", "poly", "all")
 MARKER = ".texad_complete.json"
-GENERATOR_VERSION = 1  # bump when generated content changes, so old caches are rebuilt
-CROP_SIDE = 256  # source pixels per crop (half the 512 px texture), resized to image_size
+GENERATOR_VERSION = 2  # bump when generated content changes, so old caches are rebuilt
+CROP_SIDE = 128  # source pixels per crop, resized to image_size
+SOURCE_SIDE = 512  # the sample photos' side
+#: photo rows [start, stop) each split's crops come from (full width; disjoint, 16 rows apart)
+REGIONS = {"train/good": (0, 184), "val/good": (200, 328), "test": (344, 512)}
 ELPV_DEFECT_TYPE = "defective"
 
 
@@ -41,24 +60,23 @@ def ensure_texture_set(
     root: str | Path,
     image_size: int = 256,
     n_train: int = 40,
-    n_test_good: int = 12,
-    n_per_type: int = 8,
+    n_val_good: int = 10,
+    n_test_good: int = 64,
+    n_per_type: int = 16,
     defect_types: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> Path:
-    """`<root>/<name>` in MVTec AD layout, built if missing or made with other parameters.
+    """`<root>/<name>` in MVTec AD layout (plus `val/good/`), built if missing or made with other parameters.
 
-    Images are `CROP_SIDE` px crops of the texture at random offsets, randomly flipped left-right,
-    resized to `image_size`. Train and test crops come from the same single source image, so they
-    can overlap in content; every defect is new. Each image has its own generator seeded by
-    (seed, texture, folder, index), so a set is reproducible byte for byte and, e.g., raising
-    `n_train` leaves the test images unchanged.
+    Training, validation and test crops come from the photo's bands in `REGIONS` (module docstring);
+    `n_val_good=0` writes no validation normals (the datamodule then holds training images out).
     """
     if name not in TEXTURES:
         raise TexadError(f"unknown embedded texture {name!r}; choose one of {', '.join(TEXTURES)}")
     if int(image_size) < MIN_IMAGE_SIDE:
         raise TexadError(f"image_size must be at least {MIN_IMAGE_SIDE}, got {image_size}")
-    for key, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 1), ("n_per_type", n_per_type, 1)):
+    for key, value, least in (("n_train", n_train, 1), ("n_val_good", n_val_good, 0), ("n_test_good", n_test_good, 1),
+                              ("n_per_type", n_per_type, 1)):
         if int(value) < least:
             raise TexadError(f"{key} must be at least {least}, got {value}")
     types = sorted(set(DEFECT_TYPES if defect_types is None else defect_types))
@@ -70,6 +88,7 @@ def ensure_texture_set(
         "name": name,
         "image_size": int(image_size),
         "n_train": int(n_train),
+        "n_val_good": int(n_val_good),
         "n_test_good": int(n_test_good),
         "n_per_type": int(n_per_type),
         "defect_types": types,
@@ -133,14 +152,24 @@ def _image_rng(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(words)
 
 
-def _random_crop(source: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    side = min(CROP_SIDE, *source.shape[:2])
-    y = rng.integers(0, source.shape[0] - side + 1)
-    x = rng.integers(0, source.shape[1] - side + 1)
-    crop = source[y : y + side, x : x + side]
+def region_of(folder: str) -> tuple[int, int]:
+    """The photo rows a folder's crops come from (`REGIONS`; every test/<type> folder shares "test")."""
+    return REGIONS["test" if folder.startswith("test/") else folder]
+
+
+def _random_crop(source: np.ndarray, rows: tuple[int, int], image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A CROP_SIDE crop inside photo rows [rows), at a random place, flipped at random, resized."""
+    top, bottom = rows
+    if source.shape[0] < bottom or bottom - top < CROP_SIDE or source.shape[1] < CROP_SIDE:
+        raise TexadError(f"texture photo of {source.shape[:2]} px cannot hold {CROP_SIDE} px crops in rows {rows}")
+    y = rng.integers(top, bottom - CROP_SIDE + 1)
+    x = rng.integers(0, source.shape[1] - CROP_SIDE + 1)
+    crop = source[y : y + CROP_SIDE, x : x + CROP_SIDE]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    interpolation = cv2.INTER_AREA if image_size <= side else cv2.INTER_CUBIC
+    if rng.random() < 0.5:
+        crop = crop[::-1, :]
+    interpolation = cv2.INTER_AREA if image_size <= CROP_SIDE else cv2.INTER_CUBIC
     return cv2.resize(np.ascontiguousarray(crop), (image_size, image_size), interpolation=interpolation)
 
 
@@ -148,6 +177,7 @@ def _build_texture_set(folder: Path, params: dict) -> None:
     name, size, seed = params["name"], params["image_size"], params["seed"]
     source = load_texture(name)
     jobs: list[tuple[str, int]] = [("train/good", i) for i in range(params["n_train"])]
+    jobs += [("val/good", i) for i in range(params["n_val_good"])]
     jobs += [("test/good", i) for i in range(params["n_test_good"])]
     jobs += [(f"test/{t}", i) for t in params["defect_types"] for i in range(params["n_per_type"])]
     for sub in {sub for sub, _ in jobs}:
@@ -156,7 +186,7 @@ def _build_texture_set(folder: Path, params: dict) -> None:
         (folder / "ground_truth" / t).mkdir(parents=True, exist_ok=True)
     for sub, index in tqdm(jobs, desc=f"texad: generating {name}", unit="img"):
         rng = _image_rng(seed, name, sub, index)
-        image = _random_crop(source, size, rng)
+        image = _random_crop(source, region_of(sub), size, rng)
         stem = f"{index:03d}"
         if sub.endswith("/good"):
             _write_png(folder / sub / f"{stem}.png", image)

@@ -6,7 +6,7 @@ the folder structure come before any training starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ GOOD = "good"
 MVTEC_LAYOUT_HELP = (
     "expected MVTec AD layout: <root>/<category>/train/good/*.png, <root>/<category>/test/<type>/*.png "
     "(type 'good' for normal images) and optionally "
-    "<root>/<category>/ground_truth/<type>/<name>_mask.png"
+    "<root>/<category>/ground_truth/<type>/<name>_mask.png and <root>/<category>/val/good/*.png"
 )
 KSDD2_LAYOUT_HELP = (
     "expected KSDD2 layout: <root>/train/<id>.png + <id>_GT.png and <root>/test/<id>.png + <id>_GT.png"
@@ -39,11 +39,13 @@ class Sample:
 
 @dataclass
 class SampleSplit:
-    """The normal training images and the labelled test images of one data set."""
+    """The normal training images and the labelled test images of one data set; `val` holds the data
+    set's own validation normals where it ships them (else the datamodule holds some training images out)."""
 
     train: list[Sample]
     test: list[Sample]
     has_masks: bool
+    val: list[Sample] = field(default_factory=list)
 
     @property
     def defect_types(self) -> list[str]:
@@ -55,7 +57,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_mvtec_layout(category_dir: str | Path) -> SampleSplit:
-    """Samples of one category in MVTec AD layout; ground_truth/ is optional (image labels only)."""
+    """Samples of one category in MVTec AD layout; ground_truth/ is optional (image labels only), and
+    val/good/ (validation normals, texad's extension) too."""
     root = Path(category_dir).expanduser()
     if not root.is_dir():
         raise TexadError(f"dataset root {str(root)!r} does not exist; {MVTEC_LAYOUT_HELP}")
@@ -86,7 +89,11 @@ def read_mvtec_layout(category_dir: str | Path) -> SampleSplit:
             test.append(Sample(img, 1, defect_type, mask))
     if not test:
         raise TexadError(f"no test images under {str(test_dir)!r}; {MVTEC_LAYOUT_HELP}")
-    return SampleSplit(train=train, test=test, has_masks=has_masks)
+    # texad's extension of the layout: validation normals of their own (the embedded sets cut them from
+    # another part of the photo than training and test)
+    val_dir = root / "val" / GOOD
+    val = [Sample(p, 0, GOOD) for p in list_images(val_dir)] if val_dir.is_dir() else []
+    return SampleSplit(train=train, test=test, has_masks=has_masks, val=val)
 
 
 def read_ksdd2(root: str | Path) -> SampleSplit:

@@ -12,10 +12,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics.utilities import dim_zero_cat
 
 from texad.data.batch import Batch
 from texad.metrics import ImageMetrics, PixelMetrics
+from texad.metrics.bootstrap import TestStatistics, collect_statistics, intervals
 from texad.metrics.border import ratio_of_sums, ring_sums
+from texad.metrics.offset import defect_alignment, offset_record
 
 BACKBONE_PREFIX = "model.backbone."
 
@@ -57,10 +60,13 @@ class AnomalyModule(L.LightningModule):
                 "test_image": ImageMetrics(),
             }
         )
-        self.results: dict[str, dict[str, float | None]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
         self.per_image_results: dict[str, dict[str, Any]] = {}  # stage → key → (N,) array
         self._ring: dict[str, torch.Tensor] = {}  # stage → accumulated ring_sums of normal images
         self._typed_scores: dict[str, list[tuple[float, str]]] = {}  # stage → (image score, defect type)
+        self._alignment: dict[str, torch.Tensor] = {}  # stage → summed map/mask alignment scores (map_offset)
+        self._test_items: list[tuple[str, str]] = []  # (path, defect type) of the test images in update order
+        self.test_statistics: TestStatistics | None = None  # after a test pass: per-image bootstrap statistics
 
     # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
     # They get the datamodule only: what a method needs from the run (cache dir, output dir, the run's
@@ -82,9 +88,13 @@ class AnomalyModule(L.LightningModule):
         amap, score = out["anomaly_map"].float(), out["pred_score"].float()
         if batch.mask is not None:
             self.metrics[f"{stage}_pixel"].update(amap.cpu(), batch.mask[:, 0].cpu())
+            aligned = defect_alignment(amap.cpu(), batch.mask[:, 0].cpu())
+            self._alignment[stage] = aligned + self._alignment[stage] if stage in self._alignment else aligned
         if (batch.label >= 0).all():
             self.metrics[f"{stage}_image"].update(score.cpu(), batch.label.cpu())
             self._typed_scores.setdefault(stage, []).extend(zip(score.cpu().tolist(), batch.defect_type))
+            if stage == "test":
+                self._test_items.extend(zip(batch.path, batch.defect_type))
             normal = batch.label.cpu() == 0
             if normal.any() and min(amap.shape[-2:]) > 2:
                 sums = ring_sums(amap.cpu()[normal])
@@ -101,8 +111,9 @@ class AnomalyModule(L.LightningModule):
         return {**self.predict_maps(batch), "path": batch.path}
 
     def _compute(self, stage: str) -> None:
-        res: dict[str, float | None] = {}
+        res: dict[str, Any] = {}
         chosen = self.results.get("val", {}) if stage == "test" else {}
+        computed = {}
         for kind in ("pixel", "image"):
             metric = self.metrics[f"{stage}_{kind}"]
             values = metric.compute() if metric.update_count > 0 else {}
@@ -112,7 +123,7 @@ class AnomalyModule(L.LightningModule):
                 values[f"{kind}_f1_at_val"] = metric.f1_at(threshold)
             if kind == "pixel":  # per-image values (pixel_aupimo) in update order, for scores.csv
                 self.per_image_results[stage] = dict(getattr(metric, "per_image", {}) or {})
-            metric.reset()
+            computed[kind] = values
             for key in (
                 ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold", "pixel_f1_at_val",
                  "pixel_aupimo")
@@ -125,15 +136,42 @@ class AnomalyModule(L.LightningModule):
                 res[key] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
         ring = self._ring.pop(stage, None)
         res["ring_ratio"] = None if ring is None else ratio_of_sums(ring)
-        self.results[stage] = res
+        res.update(offset_record(self._alignment.pop(stage, None)))
         per_type = auroc_per_type(self._typed_scores.pop(stage, []))
         if per_type:
-            self.results[stage]["image_auroc_per_type"] = per_type
+            res["image_auroc_per_type"] = per_type
+        if stage == "test":
+            self.test_statistics = self._test_statistics(chosen)
+            if self.test_statistics is not None:
+                res["ci95"] = intervals(self.test_statistics)
+        self._test_items = []
+        for kind in ("pixel", "image"):
+            self.metrics[f"{stage}_{kind}"].reset()
+        self.results[stage] = res
         for key, v in res.items():
             if isinstance(v, float):
                 # every rank logs (the metric states are synced in compute, so the values agree):
                 # callbacks that monitor a validation metric run on every rank
                 self.log(f"{stage}/{key}", v, sync_dist=False)
+        for key, bounds in (res.get("ci95") or {}).items():
+            if isinstance(bounds, list):
+                self.log(f"{stage}/{key}_ci_low", bounds[0], sync_dist=False)
+                self.log(f"{stage}/{key}_ci_high", bounds[1], sync_dist=False)
+
+    def _test_statistics(self, chosen: dict[str, Any]) -> TestStatistics | None:
+        """Per-image statistics of the test pass for the bootstrap intervals (None without image labels)."""
+        image, pixel = self.metrics["test_image"], self.metrics["test_pixel"]
+        if image.update_count == 0 or len(self._test_items) != int(dim_zero_cat(image.scores).numel()):
+            return None
+        paths, types = zip(*self._test_items)
+        maps = masks = None
+        if pixel.update_count > 0:
+            maps, masks = dim_zero_cat(pixel.anomaly_maps), dim_zero_cat(pixel.masks)
+        return collect_statistics(
+            dim_zero_cat(image.scores), dim_zero_cat(image.labels).long(), paths, types, maps, masks,
+            aupimo=pixel.per_image.get("pixel_aupimo") if maps is not None else None,
+            thresholds={"pixel": chosen.get("pixel_f1_threshold"), "image": chosen.get("image_f1_threshold")},
+        )
 
     def on_validation_epoch_end(self) -> None:
         self._compute("val")

@@ -59,6 +59,8 @@ class FeatureVAE(nn.Module):
         for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
             if isinstance(layer, nn.Conv2d):
                 x = F.linear(x, layer.weight.flatten(1), layer.bias)
+            elif isinstance(layer, nn.ReLU) and not torch.is_grad_enabled():
+                x = x.relu_()  # x is F.linear's fresh output: no copy needed when nothing is differentiated
             else:
                 x = layer(x)
         return x

@@ -356,9 +356,10 @@ class CFA(AnomalyModule):
     def _collect(self, batch: Batch, views: dict[str, torch.Tensor]) -> None:
         """Keep unsmoothed per-view maps of the split, for α re-fusion (texad.fusion)."""
         out = self.view_outputs.setdefault(
-            self._split, {"paths": [], "maps": {v: [] for v in views}, "masks": [], "labels": []}
+            self._split, {"paths": [], "types": [], "maps": {v: [] for v in views}, "masks": [], "labels": []}
         )
         out["paths"].extend(batch.path)
+        out["types"].extend(batch.defect_type)
         for v, m in views.items():
             out["maps"][v].append(m.detach().float().cpu())
         out["masks"].append(None if batch.mask is None else batch.mask[:, 0].detach().cpu() > 0.5)

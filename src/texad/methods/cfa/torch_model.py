@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import FeatureExtractor, local_average_and_concat, padded_features
+from texad.backbones import FeatureExtractor, concat_layers, cropped_grid, padded_features
 from texad.methods.cfa.descriptor import CoordConvDescriptor
 from texad.methods.cfa.loss import CoupledHypersphereLoss
 from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
 from texad.errors import TexadError
 from texad.methods.cfa.scorer import SCORERS
+from texad.geometry import Grid, resample
 from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 VIEWS = ("org", "small", "big")
@@ -151,12 +151,18 @@ class CFAModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen, locally averaged features; the input is padded first (`method.input_padding`) and the
         maps cropped back, so border cells are not made unique by the backbone's zero padding."""
-        def extract(x: torch.Tensor) -> list[torch.Tensor]:
-            # pooled and upsampled before the crop: the 3×3 average of a border cell then covers
+        def extract(x: torch.Tensor) -> tuple[list[torch.Tensor], list[Grid]]:
+            # pooled and resampled before the crop: the 3×3 average of a border cell then covers
             # padded context, not avg_pool2d's zero padding
-            return [local_average_and_concat(self.backbone(x), self.pool)]
+            maps = self.backbone(x)
+            cat, grid = concat_layers(maps, self.backbone.grids(x.shape[-2:], maps), self.pool)
+            return [cat], [grid]
 
-        return padded_features(extract, images, self.input_padding, self.input_padding_mode)[0]
+        return padded_features(extract, images, self.input_padding, self.input_padding_mode)[0][0]
+
+    def feature_grid(self, image_hw: tuple[int, int], feature_hw: tuple[int, int]) -> Grid:
+        """Where the cells of `features` of an image of `image_hw` sit in it."""
+        return cropped_grid(self.backbone, image_hw, feature_hw, self.input_padding)
 
     def view_features(
         self, images: torch.Tensor, mosaics: dict[str, torch.Tensor], views: Sequence[str] | None = None
@@ -186,7 +192,7 @@ class CFAModel(nn.Module):
             if v not in feats:
                 continue
             s = self.heads[v].score(feats[v])
-            s = F.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            s = resample(s, self.feature_grid(size, tuple(s.shape[-2:])), size)
             if v != "org":
                 from texad.data.superpixels import inverse_mosaic
 

@@ -47,6 +47,7 @@ from texad.methods.clustering.torch_model import (
     CENTERS,
     POOLINGS,
     ClusteringModel,
+    maps_on_cells,
     anchor_loss,
     attention_weights,
     clear_border,
@@ -240,10 +241,7 @@ class AnomalyClustering(AnomalyModule):
             if batch.mask is None:
                 raise TexadError("method.maps_from=gt needs ground-truth masks, but this data set has none")
             return batch.mask[:, 0].float()
-        amap = self.model.localizer.predict_maps(batch)["anomaly_map"]
-        if amap.shape[-2:] != batch.image.shape[-2:]:
-            amap = F.interpolate(amap[:, None], size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return amap
+        return self.model.localizer.predict_maps(batch)["anomaly_map"]
 
     def _thumbnail(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (3, THUMB, THUMB) of a normalised input image, for the cluster grid."""
@@ -260,9 +258,9 @@ class AnomalyClustering(AnomalyModule):
         """Per image: features (C,h,w) for clustered images, the map at feature (h,w) and input size."""
         if all(p in self._cache for p in batch.path):
             return [self._cache[p] for p in batch.path]
-        features = self.model.features(batch.image)
+        features, grid = self.model.features(batch.image)
         full = self._maps_at_input(batch).float()
-        low = F.adaptive_avg_pool2d(full[:, None], features.shape[-2:])[:, 0]  # area average: masks → coverage
+        low = maps_on_cells(full, grid, tuple(features.shape[-2:]))  # area average: masks → coverage
         items = []
         for i, path in enumerate(batch.path):
             item = {"map": low[i].cpu(), "full_map": full[i].cpu()}
@@ -301,7 +299,7 @@ class AnomalyClustering(AnomalyModule):
         datamodule.setup("fit")
         chunks = []
         for batch in datamodule.fit_statistics_dataloader():
-            feats = self.model.features(batch.image.to(self.device))
+            feats, _ = self.model.features(batch.image.to(self.device))
             chunks.append(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
         pixels = torch.cat(chunks)
         g = torch.Generator().manual_seed(int(self.hparams.seed))

@@ -96,11 +96,14 @@ def fit_blind_vae(method: nn.Module, batches: Callable[[], Iterable[Any]], image
     g = torch.Generator().manual_seed(int(seed))
     vae = method.model.vae.train()
     steps_per_epoch = math.ceil(n / max(1, int(images_per_step)))
+    max_steps = int(hp.get("max_steps") or -1)  # as its trainer: a step budget, else epochs
+    budget = max_steps if max_steps > 0 else steps_per_epoch * int(hp.epochs)
     losses = []
-    for _ in range(int(hp.epochs)):
+    while budget > 0:
         order = torch.randperm(n, generator=g)
-        epoch_loss = 0.0
-        for s in range(steps_per_epoch):
+        epoch_loss, steps = 0.0, min(steps_per_epoch, budget)
+        budget -= steps
+        for s in range(steps):
             images = order[s * images_per_step:(s + 1) * images_per_step]
             pool = vectors[images].reshape(-1, c)
             pick = torch.randperm(len(pool), generator=g)[: min(int(hp.vectors_per_step), len(pool))]
@@ -111,7 +114,7 @@ def fit_blind_vae(method: nn.Module, batches: Callable[[], Iterable[Any]], image
             loss.backward()
             optimizer.step()
             epoch_loss += float(loss.detach())
-        losses.append(epoch_loss / steps_per_epoch)
+        losses.append(epoch_loss / steps)
     vae.eval()
     method.calibrate(feats)  # its per-location level on the same unlabelled images (method.calibration)
     log.info("blind VAE: %d images, %d epochs, loss %.4f -> %.4f", n, len(losses),

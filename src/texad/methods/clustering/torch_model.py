@@ -38,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import local_average_and_concat
+from texad.backbones import concat_layers
 from texad.errors import TexadError
+from texad.geometry import PIXELS, Grid, resample
 from texad.methods.fca.torch_model import gaussian_kernel_1d
 
 __all__ = [
+    "maps_on_cells",
     "normalise_maps",
     "clear_border",
     "attention_weights",
@@ -56,6 +58,12 @@ __all__ = [
     "ward_clusters",
     "ClusteringModel",
 ]
+
+
+def maps_on_cells(maps: torch.Tensor, grid: Grid, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel maps (N, H, W) → the mean over each feature cell's extent (N, h, w) at its true place
+    (a mask becomes each cell's coverage)."""
+    return resample(maps, PIXELS, size, grid, mode="area")
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -281,12 +289,15 @@ class ClusteringModel(nn.Module):
         self.localizer: nn.Module | None = None
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """Min–max scaled descriptor features (N, C, h, w) on the first descriptor layer's cells, and their grid."""
         from texad.methods.fca.torch_model import scale_features_minmax
 
         maps = self.backbone(images)
-        picked = [maps[i] for i in self.descriptor_layers]
-        return scale_features_minmax(local_average_and_concat(picked, pool=self.feature_pool))
+        grids = self.backbone.grids(images.shape[-2:], maps)
+        cat, grid = concat_layers([maps[i] for i in self.descriptor_layers],
+                                  [grids[i] for i in self.descriptor_layers], self.feature_pool)
+        return scale_features_minmax(cat), grid
 
     def head_features(self, features: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """The head on whole feature maps, a few images at a time."""

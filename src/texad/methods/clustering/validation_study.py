@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from texad.backbones import FeatureExtractor, local_average_and_concat
+from texad.backbones import FeatureExtractor, concat_layers
 from texad.metrics.clustering import adjusted_rand_index, hungarian_f1, normalized_mutual_info
 from texad.methods.clustering.lightning_model import image_descriptors
 from texad.methods.clustering.number import cut_tree, ward_linkage
 from texad.methods.clustering.torch_model import (
     ClusteringModel,
+    maps_on_cells,
     anchor_loss,
     clear_border,
     mine_pairs,
@@ -100,18 +100,21 @@ def study_descriptors(texture: str, per_type: int = 8, image_size: int = 256, on
         if only is not None and index not in only:
             continue
         opt = {**BASE, **option}
-        feats = scale_features_minmax(local_average_and_concat([layer_maps[i] for i in opt["layers"]], opt["pool"]))
+        grids = backbone.grids(x.shape[-2:], layer_maps)
+        cat, grid = concat_layers([layer_maps[i] for i in opt["layers"]], [grids[i] for i in opt["layers"]], opt["pool"])
+        feats = scale_features_minmax(cat)
+        cells = tuple(feats.shape[-2:])
         for source, full in full_maps.items():
             if sources is not None and source not in sources:
                 continue
-            maps = F.adaptive_avg_pool2d(full[:, None], feats.shape[-2:])[:, 0]
+            maps = maps_on_cells(full, grid, cells)
             torch.manual_seed(0)
             model = ClusteringModel(backbone, 256, None, opt["layers"], opt["pool"],
                                     4096 if (opt["center"] == "normal" or opt["standardize"]) else 0)
             if model.normal_pixels.shape[0]:
                 # normal pixels: locations the masks leave untouched, seeded sample
                 flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-                keep = (F.adaptive_avg_pool2d(full_maps["gt"][:, None], feats.shape[-2:])[:, 0] == 0).reshape(-1)
+                keep = (maps_on_cells(full_maps["gt"], grid, cells) == 0).reshape(-1)
                 pool = flat[keep]
                 pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:4096]
                 model.normal_pixels.copy_(pool[pick])

@@ -13,6 +13,7 @@ weights copied from the given backbone (never re-downloaded, never random).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import timm
@@ -20,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import FeatureExtractor
+from texad.backbones import FeatureExtractor, channels_last_forward
 from texad.errors import TexadError
+from texad.geometry import Grid, LayerGeometry
 
-__all__ = ["LayerView", "resize_for_features"]
+__all__ = ["LayerView", "feature_input_size", "resize_for_features"]
 
 
 class LayerView(nn.Module):
@@ -51,12 +53,18 @@ class LayerView(nn.Module):
                 f"does not hold (e.g. {missing[0]}); add the layer to backbone.layers"
             )
         net.load_state_dict({k: v for k, v in source.items() if k in own})
-        self.net = net.eval().requires_grad_(False)
+        self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = backbone.name
         with torch.no_grad():
             probe = self(torch.zeros(1, 3, 128, 128))
         self.channels = [p.shape[1] for p in probe]
         self.strides = [128 // p.shape[-1] for p in probe]
+        self.geometry = LayerGeometry(self.forward, self.strides, lambda: self.net, f"{arch} layers {self.layers}",
+                                      backbone.geometry.alignment, backbone.geometry.cache_dir)
+
+    def grids(self, input_hw: tuple[int, int], maps: Sequence[torch.Tensor]) -> list[Grid]:
+        """Where the cells of `maps` (the output for an input of `input_hw`) sit in the input."""
+        return self.geometry.grids_of(input_hw, maps)
 
     def train(self, mode: bool = True) -> "LayerView":
         """Stay in eval mode: batch-norm statistics of a frozen backbone must not move."""
@@ -64,16 +72,22 @@ class LayerView(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.net.forward_intermediates(images, indices=self.layers, intermediates_only=True))
+        return channels_last_forward(partial(self.net.forward_intermediates, indices=self.layers,
+                                             intermediates_only=True), images)
+
+
+def feature_input_size(image_hw: tuple[int, int], input_size: int | None) -> tuple[int, int]:
+    """The size the image is resized to: the longer side ``input_size`` (aspect kept); None keeps it."""
+    h, w = image_hw
+    if not input_size:
+        return (h, w)
+    scale = input_size / max(h, w)
+    return (max(1, round(h * scale)), max(1, round(w * scale)))
 
 
 def resize_for_features(images: torch.Tensor, input_size: int | None) -> torch.Tensor:
-    """Bilinear resize so the longer side is ``input_size`` (aspect kept); None keeps the images."""
-    if not input_size:
-        return images
-    h, w = images.shape[-2:]
-    scale = input_size / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size == (h, w):
+    """Bilinear resize (half-pixel convention) to `feature_input_size`."""
+    size = feature_input_size(tuple(images.shape[-2:]), input_size)
+    if size == tuple(images.shape[-2:]):
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)

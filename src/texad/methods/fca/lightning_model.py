@@ -2,7 +2,7 @@
 
 The image is resized to ``feature_input_size`` (the backbone sees about 1024² so a stride-8 layer
 gives the ~128² map FCA needs), the chosen layers are read, FCA scores every feature pixel, and the
-map is bilinearly upsampled to the input size; the image score is the map's maximum (as the
+map is bilinearly resampled to the input size at the cells' true places (``texad.geometry``); the image score is the map's maximum (as the
 official evaluation). ``features="pixels"`` runs FCA on the image itself at the dataset's size.
 
 Border (issue 12). Two causes make the official pipeline light up a ring along the border of
@@ -19,14 +19,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import PAD_MODES, FeatureExtractor, local_average_and_concat, padded_features
+from texad.backbones import PAD_MODES, FeatureExtractor, concat_layers, cropped_grid, padded_features
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.methods.fca.features import LayerView, resize_for_features
+from texad.geometry import PIXELS, Grid, resample
+from texad.methods.fca.features import LayerView, feature_input_size, resize_for_features
 from texad.methods.fca.torch_model import BORDERS, FCA
 
 FEATURES = ("backbone", "pixels")
@@ -99,8 +99,26 @@ class FeatureMaps(nn.Module):
         if self.backbone is None:
             return images
         resized = resize_for_features(images, self.input_size)
-        maps = padded_features(self.backbone, resized, self.input_padding, self.input_padding_mode)
-        return local_average_and_concat(maps, pool=1)
+
+        def extract(x: torch.Tensor) -> tuple[list[torch.Tensor], list[Grid]]:
+            maps = self.backbone(x)
+            return maps, self.backbone.grids(x.shape[-2:], maps)
+
+        maps, grids = padded_features(extract, resized, self.input_padding, self.input_padding_mode)
+        return concat_layers(maps, grids, pool=1)[0]
+
+    def grid(self, image_hw: tuple[int, int], feature_hw: tuple[int, int]) -> Grid:
+        """Where the cells of the feature map (`feature_hw`) of an image of `image_hw` sit in that image."""
+        if self.backbone is None:
+            return PIXELS
+        resized = feature_input_size(tuple(image_hw), self.input_size)
+        grid = cropped_grid(self.backbone, resized, feature_hw, self.input_padding)
+        return grid.through_resize(resized, tuple(image_hw))
+
+    def to_image(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, h, w) maps on the feature cells → (B, H, W) on the image's pixels, at their true places."""
+        image_hw = tuple(image_hw)
+        return resample(maps, self.grid(image_hw, tuple(maps.shape[-2:])), image_hw)
 
 
 class FCAMethod(AnomalyModule):
@@ -160,6 +178,5 @@ class FCAMethod(AnomalyModule):
     def predict_maps(self, batch: Batch) -> dict[str, Any]:
         feats = self.feature_map(batch.image)
         check_map_fits(self.hparams.patch_size, *feats.shape[-2:], self.model.describe())
-        maps = self.model.fca(feats)
-        amap = F.interpolate(maps[:, None], size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        amap = self.model.to_image(self.model.fca(feats), batch.image.shape[-2:])
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}

@@ -22,7 +22,8 @@ from texad.methods.statistics_fit import StatisticsModule
 class PaDiM(StatisticsModule):
     """PaDiM (Defard et al. 2020). Keys: ``layers`` (timm out indices), ``n_features`` (random
     channel subset, seeded by ``seed``), ``epsilon`` (Σ + εI), ``blur_sigma``, ``chunk_locations``
-    (locations processed at once: the memory knob); ``epochs`` is accepted and ignored."""
+    (locations processed at once: the memory knob), ``layer_resampling`` (how coarser layers reach the
+    finest one's cells: bilinear | nearest, the re-implementations'); ``epochs`` is accepted and ignored."""
 
     def __init__(
         self,
@@ -34,13 +35,14 @@ class PaDiM(StatisticsModule):
         epsilon: float = 0.01,
         blur_sigma: float = 4.0,
         chunk_locations: int = 512,
+        layer_resampling: str = "bilinear",
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.model = PaDiMModel(
             backbone, layers=layers, n_features=n_features, epsilon=epsilon, blur_sigma=blur_sigma,
-            chunk_locations=chunk_locations, seed=seed,
+            chunk_locations=chunk_locations, layer_resampling=layer_resampling, seed=seed,
         )
 
     @property
@@ -51,7 +53,7 @@ class PaDiM(StatisticsModule):
         stats = GaussianStatistics(self.hparams.chunk_locations)
         size = None
         for batch in batches:
-            emb = self.model.embedding(batch.image)
+            emb, _ = self.model.embedding(batch.image)
             if size is None:
                 size = tuple(emb.shape[-2:])
             elif tuple(emb.shape[-2:]) != size:

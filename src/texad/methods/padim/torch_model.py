@@ -5,12 +5,15 @@ widely used re-implementation xiahaifeng1995/PaDiM-Anomaly-Detection-Localizatio
 anomalib's):
 
 * embedding: backbone layers 1–3 (timm out indices; strides 4, 8, 16 as ResNet layer1–3), the
-  coarser maps upsampled to the finest by nearest neighbour (what both re-implementations do) and
+  coarser maps resampled onto the finest one's cells at their true centres (``texad.geometry``) and
   concatenated, then a seeded random subset of ``n_features`` channels (paper: 100 of 448 for
-  ResNet18, 550 of 1792 for WRN50-2; efficientnet_lite0 gives 176 channels, 100 by default);
+  ResNet18, 550 of 1792 for WRN50-2; efficientnet_lite0 gives 176 channels, 100 by default).
+  Deviation: bilinearly (``layer_resampling``); both re-implementations take the nearest coarse cell,
+  which rounds each fine cell's position and, with the true centres, biases it by a fraction of a coarse
+  cell (``layer_resampling=nearest`` keeps their rule);
 * per location (i, j): mean μ_ij and covariance Σ_ij = unbiased sample covariance + ε·I with
   ε = 0.01 (the paper's regularisation);
-* score: Mahalanobis distance sqrt((x − μ)ᵀ Σ⁻¹ (x − μ)) per location, bilinearly upsampled to the
+* score: Mahalanobis distance sqrt((x − μ)ᵀ Σ⁻¹ (x − μ)) per location, bilinearly resampled to the
   input size, Gaussian blur σ = 4; image score = the map's maximum.
 
 Memory stays bounded: the covariance is accumulated batch by batch in float32 with Chan et al.'s
@@ -27,12 +30,12 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from texad.backbones import FeatureExtractor
 from texad.errors import TexadError
 from texad.methods.patchcore.torch_model import select_layers
+from texad.geometry import Grid, resample
 from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 
@@ -102,9 +105,13 @@ class PaDiMModel(nn.Module):
         epsilon: float = 0.01,
         blur_sigma: float = 4.0,
         chunk_locations: int = 512,
+        layer_resampling: str = "bilinear",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if layer_resampling not in ("bilinear", "nearest"):
+            raise TexadError(f"method.layer_resampling must be 'bilinear' or 'nearest', got {layer_resampling!r}")
+        self.layer_resampling = layer_resampling
         self.backbone = backbone
         self.positions = select_layers(backbone, layers)
         total = sum(backbone.channels[p] for p in self.positions)
@@ -127,13 +134,15 @@ class PaDiMModel(nn.Module):
     def fitted(self) -> bool:
         return self.precision.numel() > 0
 
-    def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, d, h, w): chosen layers at the finest one's size (nearest upsampling), random channels."""
+    def embedding(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """(B, d, h, w): chosen layers on the finest one's cells (at their true centres), random channels;
+        and their grid."""
         maps = self.backbone(images)
-        maps = [maps[p] for p in self.positions]
-        size = maps[0].shape[-2:]
-        full = torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps], 1)
-        return full.index_select(1, self.channels.to(full.device))
+        grids = self.backbone.grids(images.shape[-2:], maps)
+        maps, grids = [maps[p] for p in self.positions], [grids[p] for p in self.positions]
+        size = tuple(maps[0].shape[-2:])
+        full = torch.cat([resample(m, g, size, grids[0], self.layer_resampling) for m, g in zip(maps, grids)], 1)
+        return full.index_select(1, self.channels.to(full.device)), grids[0]
 
     @staticmethod
     def locations(emb: torch.Tensor) -> torch.Tensor:
@@ -176,7 +185,7 @@ class PaDiMModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
             raise TexadError("PaDiM has no Gaussians: fit it first (or load a fitted checkpoint)")
-        dist_map = self.mahalanobis(self.embedding(images))
-        amap = F.interpolate(dist_map[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        emb, grid = self.embedding(images)
+        amap = resample(self.mahalanobis(emb), grid, tuple(images.shape[-2:]))
         amap = gaussian_blur2d(amap, self.blur_sigma)
         return amap, amap.flatten(1).amax(1)

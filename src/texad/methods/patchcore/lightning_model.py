@@ -67,7 +67,7 @@ class PatchCore(StatisticsModule):
         start = time.perf_counter()
         per_image = []
         for batch in batches:
-            feats = self.model.features(batch.image)  # (B, D, h, w)
+            feats, _ = self.model.features(batch.image)  # (B, D, h, w)
             per_image.append(feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1]).float())
         if not per_image:
             raise TexadError("PatchCore: no training images to build the memory bank from")

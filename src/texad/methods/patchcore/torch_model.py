@@ -4,8 +4,8 @@ Follows the paper and its official code (amazon-science/patchcore-inspection):
 
 * locally aware patch features: two mid-level backbone layers (WRN50 layer2 + layer3 in the paper;
   ``layers`` are timm out indices, [2, 3] = strides 8 and 16 for efficientnet_lite0 and resnets),
-  each averaged over its 3×3 neighbourhood (stride 1), the coarser one bilinearly upsampled to the
-  finer one, concatenated. The official code then shrinks each patch vector by adaptive average
+  each averaged over its 3×3 neighbourhood (stride 1), the coarser one bilinearly resampled at the
+  finer one's true cell centres (``texad.geometry``), concatenated. The official code then shrinks each patch vector by adaptive average
   pooling to 1024 dims; with efficientnet_lite0 the concatenation has 152 dims, so nothing is
   shrunk here.
 * memory bank: greedy k-center coreset of the training patches (``coreset_fraction``, 10 % by
@@ -42,12 +42,12 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from texad.backbones import FeatureExtractor, local_average_and_concat
+from texad.backbones import FeatureExtractor, concat_layers
 from texad.errors import TexadError
 from texad.methods.cfa.memory_bank import nearest_sq_distances
+from texad.geometry import Grid, resample
 from texad.ops import adopt_saved_shapes, gaussian_blur2d
 
 
@@ -167,10 +167,11 @@ class PatchCoreModel(nn.Module):
     def feature_dim(self) -> int:
         return sum(self.backbone.channels[p] for p in self.positions)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) locally aware patch features at the finest chosen layer's resolution."""
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """(B, D, h, w) locally aware patch features on the finest chosen layer's cells, and their grid."""
         maps = self.backbone(images)
-        return local_average_and_concat([maps[p] for p in self.positions], self.pool)
+        grids = self.backbone.grids(images.shape[-2:], maps)
+        return concat_layers([maps[p] for p in self.positions], [grids[p] for p in self.positions], self.pool)
 
     @staticmethod
     def flatten(features: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ class PatchCoreModel(nn.Module):
         """Anomaly maps (B, H, W) at input size and image scores (B,)."""
         if not self.bank_built:
             raise TexadError("PatchCore has no memory bank: fit it first (or load a fitted checkpoint)")
-        feats = self.features(images)
+        feats, grid = self.features(images)
         b, _, h, w = feats.shape
         patches = self.flatten(feats)
         sq, idx = nearest_sq_distances(patches, self.memory_bank, 1, self.budget_mb)
@@ -193,7 +194,7 @@ class PatchCoreModel(nn.Module):
         if self.reweight:
             rows = torch.arange(b, device=dist.device) * (h * w) + where
             scores = scores * self.reweighting(patches[rows], idx[rows, 0])
-        maps = F.interpolate(dist.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = resample(dist.view(b, h, w), grid, tuple(images.shape[-2:]))
         return gaussian_blur2d(maps, self.blur_sigma), scores
 
     def reweighting(self, test_patches: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
