@@ -100,6 +100,7 @@ def check_dots_land(fe: FeatureExtractor) -> None:
                 f"{fe.name} layer {fe.layers[layer]}: dot at {(py, px)} peaks at {(qy, qx)}")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_dots_land_on_their_pixel_in_every_layer_of_efficientnet_lite0():
     check_dots_land(FeatureExtractor("efficientnet_lite0", layers=(1, 2, 3), weights="package"))

@@ -1,7 +1,6 @@
 """The offline backbone is really pretrained, and a pretrained request never yields random weights."""
 
 import cv2
-import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -19,6 +18,7 @@ def test_offline_efficientnet_lite0_weights_classify_chelsea_as_a_cat():
     assert 281 <= top <= 285, f"top-1 class {top} is not one of ImageNet's cats"
 
 
+@pytest.mark.slow
 def test_feature_extractor_is_frozen_and_returns_layers_1_to_3():
     fe = FeatureExtractor("efficientnet_lite0", layers=(1, 2, 3), weights="package")
     fe.train()

@@ -77,6 +77,7 @@ def test_mask_of_other_size_names_both_files(tmp_path):
         dm.test_dataset()[0]
 
 
+@pytest.mark.slow
 def test_unknown_method_and_dataset_list_the_choices():
     proc = run_entry("train.py", "method=nope", check=False, timeout=120)
     assert proc.returncode != 0
@@ -88,6 +89,7 @@ def test_unknown_method_and_dataset_list_the_choices():
     assert "mvtec/wood" in proc.stderr and "textures/gravel" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = run_entry("evaluate.py", f"ckpt_path={tmp_path}/none.ckpt", f"hydra.run.dir={tmp_path}/eval", check=False)
     assert proc.returncode == 1
@@ -142,6 +144,7 @@ def stderr_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_headline_command_without_data_names_paths_data_root_and_layout(monkeypatch):
     monkeypatch.delenv("TEXAD_DATA_ROOT", raising=False)
     proc = run_entry("train.py", "method=spcfa", "dataset=mvtec/wood", "logger=none", check=False, timeout=300)
@@ -200,6 +203,7 @@ def test_instantiate_and_worker_wrappers_are_unwrapped():
     assert error_message(original) == str(original)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_training_image_last_line_names_the_file(tmp_path, num_workers):
     root = make_folder(tmp_path / "set", n_train=6, size=64)

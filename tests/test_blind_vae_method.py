@@ -13,6 +13,7 @@ from texad.methods.blind_vae import BlindVAEMethod
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_train_py_fits_the_vae_on_the_blind_set_and_scores_both_ways(tiny_cfg, tmp_path):
     from texad.pipeline import build, train
 

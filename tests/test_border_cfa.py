@@ -40,6 +40,7 @@ def normal_val_maps(tmp_path, *overrides: str) -> torch.Tensor:
     return torch.cat(maps)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_default_cfa_maps_have_no_hot_border_and_the_official_rule_does(tmp_path):
     # measured (gravel 128², bank only): official 0.81 (zero padding makes border cells unlike the rest; at

@@ -4,7 +4,8 @@ import torch
 
 from texad.methods.cfa.descriptor import CoordConvDescriptor
 from texad.methods.cfa.loss import CoupledHypersphereLoss
-from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
+from texad.methods.cfa.memory_bank import MemoryBank
+from texad.methods.components.nearest import nearest_sq_distances
 from texad.methods.cfa.scorer import softmin_nearest_score
 
 
@@ -55,7 +56,7 @@ def test_memory_bank_is_descriptor_of_the_mean_feature_map():
 
 
 def test_radius_is_learned_and_switches_on_repulsion():
-    loss_fn = CoupledHypersphereLoss(k=3, j=3, r0=1e-5, alpha=0.1, nu=1e-3)
+    loss_fn = CoupledHypersphereLoss(k=3, j=3, r0=1e-5, margin=0.1, nu=1e-3)
     sq = torch.tensor([[0.5, 0.6, 0.7, 0.8, 0.9, 1.0]])
     assert loss_fn.radius.requires_grad
     opt = torch.optim.Adam(loss_fn.parameters(), lr=0.05)

@@ -14,7 +14,7 @@ import torch
 from conftest import compose_cfg
 from texad.data.embedded import ensure_texture_set
 from texad.methods.clustering import lightning_model
-from texad.methods.clustering.study import plant_validation_defect
+from texad.tools.clustering_descriptors import plant_validation_defect
 from texad.pipeline import train
 
 torch.set_num_threads(1)
@@ -60,6 +60,7 @@ def run(root: Path, out: Path) -> dict:
     return train(compose_cfg("train", overrides, out))
 
 
+@pytest.mark.slow
 def test_the_method_separates_clearly_different_types_and_random_descriptors_do_not(planted_root, tmp_path,
                                                                                       monkeypatch):
     record = run(planted_root, tmp_path / "method")

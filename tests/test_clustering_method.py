@@ -75,6 +75,7 @@ def test_head_training_loss_decreases(gt_run):
     assert record["head_loss_last_epoch"] < 0.9 * record["head_loss_first_epoch"]
 
 
+@pytest.mark.slow
 def test_stored_maps_give_the_same_clustering_as_the_maps_they_store(gt_run, tmp_path):
     src, record = gt_run
     again = run(tmp_path, "dir", f"method.maps_dir={src / 'gt' / 'maps'}", "method.epochs=4")
@@ -83,6 +84,7 @@ def test_stored_maps_give_the_same_clustering_as_the_maps_they_store(gt_run, tmp
         assert again[key] == pytest.approx(record[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["blind_vae", "cfa"])
 def test_maps_from_a_fitted_localizer_in_the_same_run(tmp_path, source):
     """blind VAE (trained on the clustered images) and CFA (on the normal ones) are fitted in the run,
@@ -97,6 +99,7 @@ def test_maps_from_a_fitted_localizer_in_the_same_run(tmp_path, source):
     assert len({r["cluster"] for r in rows}) == record["k_estimated"]
 
 
+@pytest.mark.slow
 def test_fca_maps_with_normal_images_included(tmp_path):
     record = run(tmp_path, "fca", "method.maps_from=fca", "method.include_good=true", "method.epochs=1")
     assert record["n_clustered"] == N_ANOMALOUS + N_GOOD and record["n_clusters"] == N_TYPES + 1
@@ -106,16 +109,19 @@ def test_fca_maps_with_normal_images_included(tmp_path):
 
 
 # --- bad input -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_k_needs_more_anomalous_images(tmp_path):
     with pytest.raises(TexadError, match=r"method\.k=10 needs at least k\+1=11 anomalous test images.* has 10"):
         run(tmp_path, "k", "method.maps_from=gt", "method.k=10")
 
 
+@pytest.mark.slow
 def test_more_clusters_than_images_is_refused(tmp_path):
     with pytest.raises(TexadError, match=r"method\.n_clusters=11 is larger than the number of anomalous"):
         run(tmp_path, "n", "method.maps_from=gt", "method.n_clusters=11")
 
 
+@pytest.mark.slow
 def test_stored_maps_of_another_count_are_refused(gt_run, tmp_path):
     maps = tmp_path / "maps"
     shutil.copytree(gt_run[0] / "gt" / "maps", maps)
@@ -124,6 +130,7 @@ def test_stored_maps_of_another_count_are_refused(gt_run, tmp_path):
         run(tmp_path, "count", f"method.maps_dir={maps}")
 
 
+@pytest.mark.slow
 def test_stored_maps_of_another_size_are_refused(gt_run, tmp_path):
     maps = tmp_path / "maps"
     shutil.copytree(gt_run[0] / "gt" / "maps", maps)
@@ -178,6 +185,7 @@ def test_threshold_pooling_is_uniform_over_the_anomalous_pixels():
     assert weights[0, 0, :2] == pytest.approx(torch.full((2,), 0.5)) and weights.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_cfa_maps_checkpoint_evaluates_to_the_same_clustering(tmp_path):
     """The fitted localiser (CFA's memory bank and descriptor) and the head live in the checkpoint
     (without frozen backbone weights), so evaluate.py reproduces the run."""

@@ -14,7 +14,7 @@ from texad.methods.clustering.number import (
     laplacian_spectrum,
     ward_linkage,
 )
-from texad.methods.clustering.study import gaussian_mixture
+from texad.tools.clustering_study import gaussian_mixture
 from texad.metrics import adjusted_rand_index
 
 

@@ -1,4 +1,4 @@
-"""texad.compare ranks by validation and pools the seeds of a setting (issue 11, points 4-5)."""
+"""texad.tools.compare ranks by validation and pools the seeds of a setting (issue 11, points 4-5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from texad.compare import is_test_metric, main as compare_main, summarize
+from texad.tools.compare import is_test_metric, main as compare_main, summarize
 
 
 def make_run(root: Path, num: int, overrides: dict[str, object], metrics: dict | None,
@@ -26,6 +26,7 @@ def make_run(root: Path, num: int, overrides: dict[str, object], metrics: dict |
     return run
 
 
+@pytest.mark.slow
 def test_default_ranking_is_the_runs_optimized_metric_not_test(tmp_path):
     # validation and test disagree on purpose: validation order a > b > c, test order c > b > a
     for num, (lr, val, test) in enumerate([("0.1", 0.9, 0.1), ("0.2", 0.5, 0.5), ("0.3", 0.2, 0.8)]):
@@ -50,6 +51,7 @@ def test_runs_without_a_config_rank_by_val_pixel_aupr(tmp_path):
     assert [r.run for r in summarize(tmp_path).runs] == ["1", "0"]
 
 
+@pytest.mark.slow
 def test_a_test_sort_key_is_allowed_with_a_warning(tmp_path, capsys):
     for num, (val, test) in enumerate([(0.9, 0.1), (0.1, 0.9)]):
         make_run(tmp_path, num, {"method.lr": num}, {"pixel_aupr": test, "val": {"pixel_aupr": val}})
@@ -65,6 +67,7 @@ def test_a_test_sort_key_is_allowed_with_a_warning(tmp_path, capsys):
     assert not is_test_metric("wall_time_s")
 
 
+@pytest.mark.slow
 def test_runs_differing_only_in_seed_are_pooled_into_mean_and_std(tmp_path):
     rng = np.random.default_rng(0)
     expected = {}
@@ -98,6 +101,7 @@ def test_runs_differing_only_in_seed_are_pooled_into_mean_and_std(tmp_path):
     assert len(per_run) == 7 and "seed" in per_run[0]
 
 
+@pytest.mark.slow
 def test_one_seed_per_setting_writes_no_pooled_table(tmp_path):
     for num in range(2):
         make_run(tmp_path, num, {"method.lr": num}, {"pixel_aupr": 0.5, "val": {"pixel_aupr": 0.5}})

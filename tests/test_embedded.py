@@ -224,6 +224,7 @@ def elpv_labels_by_name():
     return {path.name: (prob, kind) for path, prob, kind in embedded.elpv_labels()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell_type", ["mono", "poly", "all"])
 def test_elpv_layout_labels_and_cell_type(tmp_path, cell_type):
     pytest.importorskip("elpv_dataset")
@@ -245,6 +246,7 @@ def test_elpv_layout_labels_and_cell_type(tmp_path, cell_type):
     assert image.shape == (64, 64) and image.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_elpv_is_deterministic_and_copies_originals(tmp_path, monkeypatch):
     pytest.importorskip("elpv_dataset")
     a = ensure_elpv_set(tmp_path / "a", cell_type="poly", limit=6, seed=3)
@@ -264,6 +266,7 @@ def test_elpv_full_label_counts():
     assert sum(p == 0.0 for _, p, _ in rows) == 1508 and sum(p == 1.0 for _, p, _ in rows) == 715
 
 
+@pytest.mark.slow
 def test_elpv_rejects_bad_arguments(tmp_path):
     with pytest.raises(TexadError, match="mono, poly, all"):
         ensure_elpv_set(tmp_path, cell_type="thin-film")

@@ -7,7 +7,7 @@ from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
 from texad.errors import TexadError
-from texad.methods.fca import FCA, patch_reference
+from texad.methods.components.fca import FCA, patch_reference
 
 
 

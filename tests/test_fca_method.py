@@ -112,6 +112,7 @@ def test_layer_the_backbone_does_not_have_is_refused(backbone):
         FCAMethod(backbone, layers=[9])
 
 
+@pytest.mark.slow
 def test_train_py_runs_fca_zero_shot_and_writes_metrics(tiny_cfg, tmp_path):
     from texad.pipeline import train
 
@@ -125,7 +126,7 @@ def test_train_py_runs_fca_zero_shot_and_writes_metrics(tiny_cfg, tmp_path):
 
 
 def test_bench_times_the_fca_core_on_a_random_map():
-    from texad.bench import measure_fca_core
+    from texad.tools.bench import measure_fca_core
 
     r = measure_fca_core(3, 32, repeats=2, patch_size=7)
     assert r["channels"] == 3 and r["side"] == 32 and r["border"] == "valid"

@@ -5,7 +5,7 @@ import torch
 
 from texad.errors import TexadError
 from texad.methods.blind_vae import FeatureVAE, residual_map_fca, residual_norm, smooth_and_clear_border
-from texad.methods.fca import FCA
+from texad.methods.components.fca import FCA
 
 
 def _contaminated_features(seed=0, b=4, c=8, n=16, rare_fraction=0.03):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from texad.errors import TexadError
-from texad.fusion import blur_views, fused_metrics, grid_search, simplex_grid, time_refusion
+from texad.methods.cfa.fusion import blur_views, fused_metrics, grid_search, simplex_grid, time_refusion
 from texad.metrics.functional import average_precision
-from texad.ops import gaussian_blur2d
+from texad.methods.components.gaussian import gaussian_blur2d
 
 
 def test_simplex_grid_covers_the_simplex():
@@ -100,7 +100,7 @@ def test_image_metrics_use_the_methods_image_score():
 def test_refused_test_metrics_keep_f1_at_the_validation_threshold_ring_and_aupimo():
     """After re-fusion the test record has what a plain test pass has: F1 at validation's thresholds
     (checked by brute force), the normal images' ring ratio and AUPIMO."""
-    from texad.fusion import refuse
+    from texad.methods.cfa.fusion import refuse
     from texad.metrics.aupimo import pixel_aupimo
     from texad.metrics.border import ring_ratio
 

@@ -62,6 +62,7 @@ def test_metrics_json_still_written(run_dir):
     assert 0.0 <= record["pixel_aupr"] <= 1.0
 
 
+@pytest.mark.slow
 def test_evaluate_writes_outputs_in_its_own_dir(run_dir, tmp_path):
     out = tmp_path / "eval"
     # no writer overrides: conf/evaluate.yaml carries the writer, as users run it

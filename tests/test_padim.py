@@ -59,25 +59,27 @@ def test_channel_subset_is_seeded():
     assert len(set(a.tolist())) == 100 and int(a.max()) < 176
 
 
-# brick at 128²: 9 training images, 6 normal and 15 defective test images (where the bar separates
+# brick at 128²: 10 training images, 6 normal and 15 defective test images (where the bar separates
 # a pretrained from a random backbone; at 64² and on gravel random features localise these synthetic
-# defects about as well: gravel 128² pixel AUROC 0.83 random vs 0.81 pretrained).
+# defects about as well: gravel 128² pixel AUROC 0.83 random vs 0.81 pretrained, embedded sets v1).
 SIZE = ["dataset=textures/brick", "dataset.generated_size=128", "dataset.image_size=128", "dataset.n_train=10",
         "dataset.n_test_good=6", "dataset.n_per_type=3", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
-BAR_PRO, BAR_IMG = 0.44, 0.64
+BAR_PRO, BAR_IMG = 0.5, 0.7
 
 
+@pytest.mark.slow
 def test_padim_finds_planted_defects(tiny_cfg, one_thread):
-    # Measured (seed 0): pretrained pixel AUROC 0.87, AUPRO 0.57, image AUROC 0.73;
-    # random backbone (backbone.pretrained=false) 0.76 / 0.31 / 0.54.
+    # Measured (seed 0, embedded sets v2, aligned maps): pretrained pixel AUROC 0.912, AUPRO 0.765, image
+    # AUROC 0.856; random backbone (backbone.pretrained=false) 0.738 / 0.269 / 0.578. Bars in between.
     from texad.pipeline import train
 
     record = train(tiny_cfg("method=padim", *SIZE))
     assert record["pixel_aupro"] >= BAR_PRO
     assert record["image_auroc"] >= BAR_IMG
-    assert record["pixel_auroc"] >= 0.8
+    assert record["pixel_auroc"] >= 0.82
 
 
+@pytest.mark.slow
 def test_padim_with_a_random_backbone_stays_below_the_bar(tiny_cfg, one_thread):
     from texad.pipeline import train
 
@@ -85,6 +87,7 @@ def test_padim_with_a_random_backbone_stays_below_the_bar(tiny_cfg, one_thread):
     assert record["pixel_aupro"] < BAR_PRO and record["image_auroc"] < BAR_IMG
 
 
+@pytest.mark.slow
 def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_thread):
     from conftest import compose_cfg
     from texad.pipeline import evaluate, train
@@ -104,6 +107,7 @@ def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_threa
         assert ev[key] == pytest.approx(a[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_fit_the_same_gaussians_as_one(tmp_path):
     small = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_good"))] + [
         "method=padim", "dataset.n_train=7", "dataset.val_fraction=0", "dataset.n_val_good=0",

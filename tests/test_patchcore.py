@@ -81,33 +81,36 @@ def test_reweighting_is_the_papers_equation_7(tiny_cfg, one_thread):
     assert maps.shape == (2, 64, 64)
 
 
-# brick at 128²: 9 training images, 6 normal and 15 defective test images. At 64² and on gravel a
+# brick at 128²: 10 training images, 6 normal and 15 defective test images. At 64² and on gravel a
 # random backbone localises these synthetic defects about as well as the pretrained one (gravel 128²:
-# pixel AUROC 0.86 vs 0.84), so brick 128² is where the bar separates the two.
+# pixel AUROC 0.86 vs 0.84, embedded sets v1), so brick 128² is where the bar separates the two.
 SIZE = ["dataset=textures/brick", "dataset.generated_size=128", "dataset.image_size=128", "dataset.n_train=10",
         "dataset.n_test_good=6", "dataset.n_per_type=3", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
-BAR_PRO, BAR_IMG = 0.55, 0.85
+BAR_PRO, BAR_IMG = 0.6, 0.75
 
 
+@pytest.mark.slow
 def test_patchcore_finds_planted_defects(tiny_cfg, one_thread):
-    # Measured (seed 0): pretrained pixel AUROC 0.90, AUPRO 0.69, image AUROC 1.00;
-    # random backbone (backbone.pretrained=false) 0.77 / 0.42 / 0.76.
+    # Measured (seed 0, embedded sets v2, aligned maps): pretrained pixel AUROC 0.969, AUPRO 0.913, image
+    # AUROC 0.900; random backbone (backbone.pretrained=false) 0.746 / 0.336 / 0.611. Bars in between.
     from texad.pipeline import train
 
     record = train(tiny_cfg("method=patchcore", *SIZE))
     assert record["pixel_aupro"] >= BAR_PRO
     assert record["image_auroc"] >= BAR_IMG
-    assert record["pixel_auroc"] >= 0.8
+    assert record["pixel_auroc"] >= 0.85
     assert record["statistics"]["bank_size"] == round(0.1 * 10 * 16 * 16)  # 10 training images of 16×16 patches
 
 
+@pytest.mark.slow
 def test_patchcore_with_a_random_backbone_stays_below_the_bar(tiny_cfg, one_thread):
     from texad.pipeline import train
 
     record = train(tiny_cfg("method=patchcore", *SIZE, "backbone.pretrained=false"))
-    assert record["pixel_aupro"] < BAR_PRO
+    assert record["pixel_aupro"] < BAR_PRO and record["image_auroc"] < BAR_IMG
 
 
+@pytest.mark.slow
 def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_thread):
     from conftest import compose_cfg
     from texad.pipeline import evaluate, train
@@ -115,7 +118,7 @@ def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_threa
     over = [*TINY, "method=patchcore", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
     a = train(compose_cfg("train", over, tmp_path / "a"))
     b = train(compose_cfg("train", over, tmp_path / "b"))
-    c = train(compose_cfg("train", [*over, "seed=1"], tmp_path / "c"))
+    train(compose_cfg("train", [*over, "seed=1"], tmp_path / "c"))
     bank = lambda run: torch.load(tmp_path / run / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["model.memory_bank"]  # noqa: E731
     assert torch.equal(bank("a"), bank("b"))
     assert not torch.equal(bank("a"), bank("c"))
@@ -127,6 +130,7 @@ def test_seed_reproduces_and_evaluate_gives_the_same_metrics(tmp_path, one_threa
     assert not any(k.startswith("model.backbone.") for k in torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=False)["state_dict"])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_select_the_same_coreset_as_one(tmp_path):
     small = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_good"))] + [
         "method=patchcore", "dataset.n_train=7", "dataset.val_fraction=0", "dataset.n_val_good=0",

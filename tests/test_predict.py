@@ -33,6 +33,7 @@ def inputs(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_predict_folder(trained, inputs, tmp_path):
     out = tmp_path / "pred"
     proc = run_entry("predict.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"input_dir={inputs}",
@@ -54,6 +55,7 @@ def test_predict_folder(trained, inputs, tmp_path):
     assert record["n_images"] == 2 and record["n_skipped"] == 2
 
 
+@pytest.mark.slow
 def test_predict_given_threshold_sets_masks(trained, inputs, tmp_path):
     out = tmp_path / "pred"
     run_entry("predict.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"input_dir={inputs}",
@@ -64,6 +66,7 @@ def test_predict_given_threshold_sets_masks(trained, inputs, tmp_path):
     assert json.loads((out / "prediction.json").read_text())["pixel_source"] == "given"
 
 
+@pytest.mark.slow
 def test_predict_missing_checkpoint_is_one_line_error(inputs, tmp_path):
     proc = run_entry("predict.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"input_dir={inputs}",
                      f"hydra.run.dir={tmp_path / 'p'}", check=False)

@@ -1,4 +1,4 @@
-"""python -m texad.results: real runs end to end at a tiny size, resumable, table numbers equal to the runs'
+"""python -m texad.tools.results: real runs end to end at a tiny size, resumable, table numbers equal to the runs'
 metrics.json (mean and std recomputed here with numpy), rows never ranked by a test metric (issue 11, point 7)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from texad import results
+from texad.tools import results
 
 TINY_ARGS = [
     "--sets", "textures/brick", "--seeds", "0", "--size", "64", "--n-train", "6", "--epochs", "1",
@@ -26,7 +26,7 @@ TINY_ARGS = [
 
 
 def run_results(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "texad.results", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "texad.tools.results", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -57,6 +57,7 @@ def assert_row_equals_runs(row: dict[str, str], records: list[dict], walls: list
     assert float(row["wall_time_s_mean"]) == pytest.approx(float(np.mean(walls)), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_results_end_to_end_tiny(tmp_path):
     out = tmp_path / "results"
     # two runs at a time, one thread each (the table's default on a 2-core machine)

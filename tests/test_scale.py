@@ -16,6 +16,7 @@ SMALL = [o for o in TINY if not o.startswith(("method.epochs", "dataset.n_val_go
 ]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_build_the_same_bank_as_one(tmp_path):
     # epochs=0: the model is exactly its memory bank, so the bank reduction across ranks is what is
     # compared, bank and metrics alike (training itself then differs only by float summation order)
@@ -33,6 +34,7 @@ def test_ddp_two_cpu_processes_build_the_same_bank_as_one(tmp_path):
         assert mb[k] == pytest.approx(ma[k], abs=1e-5), k
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_a_two_job_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     run_entry(
@@ -45,6 +47,7 @@ def test_joblib_launcher_runs_a_two_job_sweep(tmp_path):
     assert (sweep / "summary.csv").is_file()
 
 
+@pytest.mark.slow
 def test_frozen_feature_cache_changes_nothing_and_is_reused_across_runs(tmp_path):
     from conftest import compose_cfg
     from texad.pipeline import train
@@ -72,14 +75,15 @@ def test_frozen_feature_cache_changes_nothing_and_is_reused_across_runs(tmp_path
     assert "validation_feature_cache" not in plain
 
 
+@pytest.mark.slow
 def test_bench_prints_the_figures_of_every_method(tmp_path):
-    """`python -m texad.bench` on tiny sizes: one JSON object with every figure the issue asks for."""
+    """`python -m texad.tools.bench` on tiny sizes: one JSON object with every figure the issue asks for."""
     import os
     import subprocess
     import sys
 
     cmd = [
-        sys.executable, "-m", "texad.bench", "--methods", "cfa,fca", "--size", "64", "--n-train", "2",
+        sys.executable, "-m", "texad.tools.bench", "--methods", "cfa,fca", "--size", "64", "--n-train", "2",
         "--batch", "2", "--epochs", "2", "--repeats", "1", "--metric-images", "6",
         "--refusion-points", "2", "--refusion-images", "2",
     ]

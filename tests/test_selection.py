@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from conftest import TINY, compose_cfg, run_entry
+from conftest import TINY, run_entry
 from texad.errors import TexadError
 from texad.metrics.functional import f1_at_threshold
-from texad.ops import image_score
+from texad.methods.components.image_score import image_score
 from texad.pipeline import train
 
 KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "image_f1")
@@ -43,6 +43,7 @@ def test_image_score_rules():
         image_score(maps, "top_mean", 0.0)
 
 
+@pytest.mark.slow
 def test_the_validation_selected_epoch_is_tested_and_recorded(tmp_path):
     run = tmp_path / "run"
     run_entry("train.py", *TINY, "method.epochs=3", "dataset.n_train=10", f"hydra.run.dir={run}")
@@ -64,6 +65,7 @@ def test_the_validation_selected_epoch_is_tested_and_recorded(tmp_path):
     assert record["pixel_f1_at_val"] <= record["pixel_f1"] + 1e-9
 
 
+@pytest.mark.slow
 def test_selection_can_be_switched_off_and_rejects_a_test_metric(tiny_cfg):
     record = train(tiny_cfg("method.epochs=1", "selection.every_n_epochs=0"))
     assert "selected_epoch" not in record

@@ -34,6 +34,7 @@ def test_superpixel_views_builder_is_picklable_and_keyed_by_pixels(tmp_path):
     assert cache.key(str(tmp_path / "a.png"), image, 8) != cache.key(str(tmp_path / "a.png"), changed, 8)
 
 
+@pytest.mark.slow
 def test_mosaic_views_reach_the_model_and_null_views_are_not_computed(tmp_path):
     cfg = compose_cfg("train", [*SPCFA_TINY, "method.region_sizes=[8,null]", "method.alpha=[0.5,0.5,0.0]"],
                       tmp_path / "run")
@@ -84,6 +85,7 @@ def _view_cache(run_dir):
     return json.loads((run_dir / "view_cache.json").read_text())
 
 
+@pytest.mark.slow
 def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     sweep = tmp_path / "sweep"
     run_entry(
@@ -111,6 +113,7 @@ def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     assert record["pixel_aupr"] is not None and "test_at_trained_alpha" in fusion
 
 
+@pytest.mark.slow
 def test_region_size_sweep_reuses_the_shared_views(tmp_path):
     sweep = tmp_path / "sweep"
     run_entry(

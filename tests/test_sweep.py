@@ -1,5 +1,5 @@
 """A real multirun (2 settings x 2 seeds) leaves summary.csv and summary_seeds.csv at its root, ranked by
-validation; texad.compare tabulates and plots it."""
+validation; texad.tools.compare tabulates and plots it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, run_entry
 
-from texad.compare import main as compare_main
-from texad.compare import parse_override, swept_parameters, RunRecord
+from texad.tools.compare import main as compare_main
+from texad.tools.compare import parse_override, swept_parameters, RunRecord
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,9 @@ def test_summary_pools_the_seeds_of_each_setting(sweep_dir):
     assert means == sorted(means, reverse=True)
 
 
+@pytest.mark.slow
 def test_compare_cli_writes_table_and_plots(sweep_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "texad.compare", str(sweep_dir), "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "texad.tools.compare", str(sweep_dir), "--out", str(tmp_path),
                            "--sort", "pixel_auroc"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "test metrics must not select" in proc.stderr  # a test key is allowed, with a warning
@@ -64,10 +65,12 @@ def test_compare_cli_writes_table_and_plots(sweep_dir, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.slow
 def test_compare_errors_on_empty_dir(tmp_path):
     assert compare_main([str(tmp_path)]) == 1
 
 
+@pytest.mark.slow
 def test_failed_run_is_listed_last(tmp_path):
     for num, (value, metrics) in enumerate([("0.1", None), ("0.2", '{"pixel_aupr": 0.3, "val": {"pixel_aupr": 0.4}}')]):
         run = tmp_path / str(num)

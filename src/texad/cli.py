@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from texad.data import layout
 from texad.errors import TexadError
 
 log = logging.getLogger("texad")
@@ -103,8 +104,6 @@ def check_data_root(cfg: DictConfig) -> None:
 
 def layout_help(target: str, category: str | None = None) -> str:
     """The folder layout a datamodule reads (from texad.data.layout), '' for an unknown one."""
-    from texad.data import layout
-
     helps = {
         "MVTecDataModule": layout.MVTEC_LAYOUT_HELP,
         "KSDD2DataModule": layout.KSDD2_LAYOUT_HELP,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,6 +10,11 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from texad.errors import TexadError
 
 METRIC_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "image_f1", "pixel_aupimo")
 
@@ -43,6 +49,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def digest(description: Any) -> str:
+    """sha256 of a JSON description (sorted keys): a cache key."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     text = json.dumps(_clean(data), indent=2, sort_keys=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -63,17 +74,13 @@ def read_npz_array(path: str | Path, key: str):
     (thread pools, threaded loaders) would fail at random without the lock. Arrays are small;
     the lock costs nothing measurable.
     """
-    import numpy as np
-
     with _NPZ_READ_LOCK, np.load(path) as stored:
         return stored[key]
 
 
 def read_torch_file(path: str | Path, what: str, weights_only: bool = True) -> Any:
     """torch.load with errors that name the file and the config key it came from."""
-    import torch
 
-    from texad.errors import TexadError
 
     path = Path(str(path)).expanduser()
     if not path.is_file():

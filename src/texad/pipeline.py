@@ -15,13 +15,18 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.outputs import METRIC_KEYS, write_json
+from texad.methods.cfa.fusion import refuse_method
+from texad.methods.cfa.view_cache import run_description
+from texad.metrics.bootstrap import STATISTICS_FILE
+from texad.outputs import METRIC_KEYS, atomic_write, read_torch_file, write_json
 from texad.selection import BEST_CKPT as SELECTED_STEM
+from texad.selection import EpochSelection
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
     method.output_dir = Path(str(output_dir)) if output_dir else None
     attach_views = getattr(method, "attach_views", None)
     if attach_views is not None:
-        from texad.view_cache import run_description
 
         attach_views(datamodule, cache_dir=str(cfg.paths.cache_dir), output_dir=method.output_dir,
                      run_description=run_description(cfg))
@@ -166,8 +170,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def epoch_selection(cfg: DictConfig, datamodule: L.LightningDataModule, method: AnomalyModule, ckpt_dir: Path):
     """Validation-based epoch selection (texad.selection) when configured, epochs run and validation exists."""
-    from texad.selection import EpochSelection
-
     conf = cfg.get("selection") or {}
     every = int(conf.get("every_n_epochs") or 0)
     epochs = int(cfg.trainer.get("max_epochs") or 0)
@@ -182,8 +184,6 @@ def epoch_selection(cfg: DictConfig, datamodule: L.LightningDataModule, method: 
 
 def leave_process_group() -> None:
     """After a DDP fit, evaluation runs on rank 0 alone: the other ranks are done."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -191,8 +191,6 @@ def leave_process_group() -> None:
 
 def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:
     """Zero-shot methods still leave a checkpoint, so evaluate.py works the same for every method."""
-    from texad.outputs import atomic_write
-
     checkpoint = {"state_dict": method.state_dict(), "hyper_parameters": dict(method.hparams)}
     method.on_save_checkpoint(checkpoint)
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -212,15 +210,29 @@ def checkpoint_file(ckpt_path: str | Path) -> Path:
                      f"(expected a run dir, its checkpoints/ folder, or a .ckpt file)")
 
 
-def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
-    from texad.outputs import read_torch_file
+#: method keys renamed since a checkpoint may have been written: old name → new name
+RENAMED_METHOD_KEYS = {"loss_alpha": "loss_margin"}  # CFA: α is only the fusion weights now
 
+
+def _rename_keys(conf: Any, renamed: dict[str, str]) -> None:
+    """Rename old keys in a saved method config, in place (also in nested localiser configs)."""
+    if not isinstance(conf, dict):
+        return
+    for old, new in renamed.items():
+        if old in conf and new not in conf:
+            conf[new] = conf.pop(old)
+    for value in conf.values():
+        _rename_keys(value, renamed)
+
+
+def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
     path = checkpoint_file(ckpt_path)
     checkpoint = read_torch_file(path, "ckpt_path (expected a run dir or <run dir>/checkpoints/best.ckpt or last.ckpt)",
                                  weights_only=False)
     saved = checkpoint.get("texad_config") if isinstance(checkpoint, dict) else None
     if not saved:
         raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
+    _rename_keys(saved.get("method"), RENAMED_METHOD_KEYS)
     backbone = saved.get("backbone")
     if isinstance(backbone, dict) and "alignment" not in backbone:
         # written before texad.geometry: its heads and banks were fitted on the legacy cell centres
@@ -256,7 +268,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"ckpt_path": str(ckpt_file)}
     fusion = cfg.get("fusion") or {}
     if fusion.get("search"):
-        from texad.fusion import refuse_method
 
         extra["fusion"] = refuse_method(method, results, fusion)
     record = metrics_record(run_cfg, results, time.time() - start, extra)
@@ -267,8 +278,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def write_statistics(method: AnomalyModule, out_dir: Path) -> None:
     """The test pass's per-image statistics (`texad.metrics.bootstrap`), for paired comparisons."""
-    from texad.metrics.bootstrap import STATISTICS_FILE
-
     stats = getattr(method, "test_statistics", None)
     if stats is not None:
         stats.save(out_dir / STATISTICS_FILE)

@@ -19,6 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from texad.errors import TexadError
+from texad.outputs import read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class EpochSelection:
                 f"epoch selection found no best checkpoint in {self.best.dirpath} (did validation run? "
                 f"is {self.monitor!r} a metric validation computes?)"
             )
-        from texad.outputs import read_torch_file
 
         checkpoint = read_torch_file(Path(path), "best checkpoint", weights_only=False)
         method.load_method_state(checkpoint["state_dict"])

@@ -27,12 +27,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import matplotlib.image as mpimg
 import numpy as np
 from tqdm.auto import tqdm
 
 from texad.backbones import IMAGENET_MEAN, IMAGENET_STD
 from texad.data.images import denormalize
+from texad.metrics.functional import pixel_operating_points, pixel_scores_from, pro_curve_from
 from texad.outputs import atomic_write
+from texad.viz import overlay_figure, pr_figure, pro_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +204,6 @@ class TestOutputWriter(L.Callback):
         self.curve_data.add((amap.astype(np.float32, copy=True), mask.copy()))
 
     def _write_curves(self, threshold: float | None) -> list[tuple[str, Path]]:
-        from texad.metrics.functional import pixel_operating_points, pixel_scores_from, pro_curve_from
-        from texad.viz import pr_figure, pro_figure, save_figure
-
         data = self.curve_data
         if data is None or not data.items:
             log.info("no pixel ground truth in the test set: no PR/PRO curves")
@@ -236,8 +236,6 @@ class TestOutputWriter(L.Callback):
         return out
 
     def _write_overlays(self, threshold: float | None) -> list[tuple[str, Path]]:
-        from texad.viz import overlay_figure, save_figure
-
         # round-robin over defect types, so the few logged overlays show every type
         items = [it for row in round_robin(list(self.overlays.values())) for it in row]
         value_range = (self.value_range[0], self.value_range[1])
@@ -288,8 +286,6 @@ def log_images(trainer: L.Trainer, overlays: list[tuple[str, Path]], curves: lis
 
 
 def _read_png(path: Path) -> np.ndarray:
-    import matplotlib.image as mpimg
-
     rgba = mpimg.imread(str(path))
     rgb = rgba[..., :3]
     return (rgb * 255).round().astype(np.uint8) if rgb.dtype != np.uint8 else rgb

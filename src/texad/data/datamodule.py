@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from texad.data.batch import collate
+from texad.data.embedded import TEXTURES, ensure_elpv_set, ensure_texture_set
 from texad.data.images import as_hw, read_mask, read_rgb, resize_mask, resize_rgb, to_tensor
-from texad.data.layout import GOOD, Sample, SampleSplit
+from texad.data.layout import GOOD, Sample, SampleSplit, read_ksdd2, read_mtd, read_mvtec_layout
+from texad.data.synthetic import ALL_GENERATORS, plant_defect
 from texad.errors import TexadError
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,6 @@ class AnomalyDataset(Dataset):
         image = resize_rgb(image, self.image_size)
         label, defect_type = s.label, s.defect_type
         if index in self.synthetic:
-            from texad.data.synthetic import plant_defect
 
             defect_type = self.synthetic[index]
             rng = np.random.default_rng([self.seed, index])
@@ -258,8 +259,6 @@ class AnomalyDataModule(L.LightningDataModule):
 
 
 def _check_val_generators(copies: int, defects: Sequence[str] | None) -> tuple[int, tuple[str, ...]]:
-    from texad.data.synthetic import ALL_GENERATORS
-
     if int(copies) < 1:
         raise TexadError(f"dataset.val_copies must be >= 1 (synthetic copies per held-out normal), got {copies}")
     defects = tuple(ALL_GENERATORS if defects is None else defects)
@@ -284,8 +283,6 @@ class MVTecDataModule(AnomalyDataModule):
         self.category = category
 
     def list_samples(self) -> SampleSplit:
-        from texad.data.layout import read_mvtec_layout
-
         return read_mvtec_layout(self.root / self.category if self.category else self.root)
 
 
@@ -297,8 +294,6 @@ class KSDD2DataModule(AnomalyDataModule):
         self.root = check_root(root)
 
     def list_samples(self) -> SampleSplit:
-        from texad.data.layout import read_ksdd2
-
         return read_ksdd2(self.root)
 
 
@@ -312,8 +307,6 @@ class MTDDataModule(AnomalyDataModule):
         self.split_seed = split_seed  # the train/test split's own seed: fixed, so every run sees one test set
 
     def list_samples(self) -> SampleSplit:
-        from texad.data.layout import read_mtd
-
         return read_mtd(self.root, self.train_fraction, self.split_seed)
 
 
@@ -341,9 +334,6 @@ class TextureDataModule(AnomalyDataModule):
         )
 
     def list_samples(self) -> SampleSplit:
-        from texad.data.embedded import TEXTURES, ensure_texture_set
-        from texad.data.layout import read_mvtec_layout
-
         if self.texture not in TEXTURES:
             raise TexadError(f"unknown embedded texture {self.texture!r}; choices: {list(TEXTURES)}")
         return read_mvtec_layout(ensure_texture_set(self.texture, self.cache_dir, **self.gen))
@@ -362,9 +352,6 @@ class ELPVDataModule(AnomalyDataModule):
         self.split_seed = split_seed  # the train/test split's own seed: fixed, so every run sees one test set
 
     def list_samples(self) -> SampleSplit:
-        from texad.data.embedded import ensure_elpv_set
-        from texad.data.layout import read_mvtec_layout
-
         root = ensure_elpv_set(
             self.cache_dir, cell_type=self.cell_type, test_fraction_normal=self.test_fraction_normal,
             seed=self.split_seed, limit=self.limit,

@@ -35,10 +35,12 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.data
 from tqdm import tqdm
 
 from texad.data.synthetic import DEFECT_TYPES, MIN_IMAGE_SIDE, plant_defect
@@ -139,8 +141,6 @@ def ensure_elpv_set(
 
 def load_texture(name: str) -> np.ndarray:
     """The 512x512 grayscale uint8 source texture bundled with scikit-image."""
-    import skimage.data
-
     image = np.asarray(getattr(skimage.data, name)())
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
@@ -208,8 +208,6 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 def elpv_labels() -> list[tuple[Path, float, str]]:
     """(image path, defect probability, cell type) for every cell in the installed `elpv-dataset`."""
     try:
-        from importlib.resources import files
-
         data_dir = Path(str(files("elpv_dataset") / "data"))
     except ModuleNotFoundError as exc:
         raise TexadError("the ELPV data set needs the package elpv-dataset: pip install elpv-dataset") from exc
@@ -299,7 +297,7 @@ def _materialise(target: Path, params: dict, build: Callable[[Path], None]) -> P
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Holds an OS file lock so parallel runs (e.g. DDP ranks) build a set once, not side by side."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: imported where it is used, so Windows imports this module
     except ImportError:  # Windows: no lock; a parallel build loses at os.replace and raises
         yield
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from texad.errors import TexadError
@@ -101,8 +102,6 @@ def read_ksdd2(root: str | Path) -> SampleSplit:
 
     Only the normal images of train/ are used for training (the one-class protocol).
     """
-    import cv2
-
     base = Path(root).expanduser()
     help_ = KSDD2_LAYOUT_HELP
     if not base.is_dir():

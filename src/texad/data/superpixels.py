@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from texad.errors import TexadError
 from texad.outputs import read_npz_array
-from texad.view_cache import digest
+from texad.outputs import digest
 
 __all__ = [
     "MOSAIC_FILLS",

@@ -31,6 +31,7 @@ import torch
 
 from texad.errors import TexadError
 from texad.geometry.grid import Grid, even_grid
+from texad.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,6 @@ class LayerGeometry:
                  [(round(a, 2), round(b, 2)) for a, b in offsets])
         _MEMORY[key] = offsets
         if path is not None:
-            from texad.outputs import write_json
 
             write_json(path, {"description": self.description, "strides": self.strides, "probe_size": list(used),
                               "offsets": [list(o) for o in offsets], "version": PROBE_VERSION})

@@ -18,6 +18,7 @@ from texad.data.batch import Batch
 from texad.metrics import ImageMetrics, PixelMetrics
 from texad.metrics.bootstrap import TestStatistics, collect_statistics, intervals
 from texad.metrics.border import ratio_of_sums, ring_sums
+from texad.metrics.functional import roc_auc
 from texad.metrics.offset import defect_alignment, offset_record
 
 BACKBONE_PREFIX = "model.backbone."
@@ -25,8 +26,6 @@ BACKBONE_PREFIX = "model.backbone."
 
 def auroc_per_type(scored: list[tuple[float, str]], normal: str = "good") -> dict[str, float]:
     """Image AUROC of the normal images against each defect type alone (which defects a method misses)."""
-    from texad.metrics.functional import roc_auc
-
     good = [s for s, t in scored if t == normal]
     types = sorted({t for _, t in scored if t != normal})
     if not good or not types:

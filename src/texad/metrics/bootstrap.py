@@ -7,7 +7,7 @@ range of `N_REPLICATES` replicates drawn with a fixed seed, so a run's intervals
 two runs on the same test set are resampled identically (`paired_differences`).
 
 What each replicate recomputes, from per-image statistics kept in `TestStatistics` (also written to
-`<run dir>/test_statistics.npz`, which `texad.compare` reads for paired comparisons):
+`<run dir>/test_statistics.npz`, which `texad.tools.compare` reads for paired comparisons):
 
 * image AUROC, best F1, F1 at validation's threshold, per-type AUROC: exactly, from the image scores;
 * pixel AUROC, AP, best F1, F1 at validation's threshold and AUPRO: from per-image (and per-region)
@@ -32,11 +32,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from texad.errors import TexadError
 from texad.metrics.border import ring_sums
 from texad.metrics.functional import label_regions
 from texad.metrics.offset import defect_alignment, pooled_offset
+from texad.outputs import atomic_write
 
 __all__ = [
     "LEVEL", "N_REPLICATES", "STATISTICS_FILE", "TestStatistics", "collect_statistics", "group_intervals", "intervals",
@@ -76,8 +78,6 @@ class TestStatistics:
         return self.edges is not None
 
     def save(self, path: str | Path) -> Path:
-        from texad.outputs import atomic_write
-
         arrays = {f.name: getattr(self, f.name) for f in fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         meta = {"paths": self.paths, "defect_types": self.defect_types, "thresholds": self.thresholds}
@@ -353,8 +353,6 @@ def rank_correlation_interval(pairs: Sequence[tuple[TestStatistics, TestStatisti
     each replicate resamples both sets' images (each stratified, the same draw for every setting) and
     recomputes every setting's two values, then ρ over the settings.
     """
-    from scipy.stats import spearmanr
-
     if len(pairs) < 3:
         return None
     val_w = replicate_weights(pairs[0][0].labels, n, seed)

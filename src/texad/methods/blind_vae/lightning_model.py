@@ -51,8 +51,8 @@ from texad.methods.blind_vae.torch_model import (
     residual_norm,
     smooth_and_clear_border,
 )
-from texad.methods.fca.lightning_model import FeatureMaps, check_fca_keys, check_map_fits
-from texad.methods.fca.torch_model import FCA, scale_features_minmax
+from texad.methods.components.fca import FCA, check_fca_keys, check_map_fits
+from texad.methods.components.feature_maps import FeatureMaps, scale_features_minmax
 
 SCORES = ("fca", "residual_norm")
 CALIBRATIONS = ("location", "none")

@@ -3,7 +3,7 @@
 Trained on the unlabelled (contaminated) test set itself, the VAE reconstructs common feature
 vectors well and rare ones badly, so the residual (features − reconstruction) carries the
 anomalies while the normal variation of a heterogeneous texture is flattened. FCA on the signed
-residual then localises them (BlindLCA, ``shared/reference/fca-blind.md`` §3).
+residual then localises them (BlindLCA; README.md beside this file).
 
 Differences from the official code (TArdelean/BlindLCA ``compute_residuals.py``), on purpose:
 
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from texad.errors import TexadError
-from texad.methods.fca.torch_model import FCA, gaussian_kernel_1d
-from texad.ops import adopt_saved_shapes, gaussian_blur2d
+from texad.methods.components.fca import FCA
+from texad.methods.components.fitted_state import FittedBuffers
+from texad.methods.components.gaussian import gaussian_blur2d, gaussian_taps
 
 __all__ = ["FeatureVAE", "residual_map_fca", "residual_norm", "smooth_and_clear_border"]
 
@@ -104,7 +105,7 @@ def smooth_and_clear_border(maps: torch.Tensor, kernel_size: int = 5, sigma: flo
     """
     out = maps
     if kernel_size and kernel_size > 1:
-        k1 = gaussian_kernel_1d(kernel_size, sigma).to(maps)
+        k1 = gaussian_taps(kernel_size, sigma).to(maps)
         kernel = torch.outer(k1, k1)[None, None]
         r = kernel_size // 2
         out = F.conv2d(F.pad(maps[:, None], (r, r, r, r), mode="reflect"), kernel)[:, 0]
@@ -142,7 +143,7 @@ def residual_norm(features: torch.Tensor, vae: FeatureVAE) -> torch.Tensor:
     return torch.linalg.vector_norm(features - vae.reconstruct(features), dim=1)
 
 
-class LocationCalibration(nn.Module):
+class LocationCalibration(FittedBuffers):
     """Divides (B, h, w) maps by each location's level on the fitted images (empty until `fit`).
 
     Why: the feature VAE reconstructs border cells worse than interior ones (their receptive field is
@@ -153,14 +154,12 @@ class LocationCalibration(nn.Module):
     steady it, over its own mean so the map keeps its scale. No labels are used.
     """
 
+    fitted_buffers = ("scale",)
+
     def __init__(self, sigma: float = 2.0) -> None:
         super().__init__()
         self.sigma = float(sigma)
         self.register_buffer("scale", torch.empty(0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        adopt_saved_shapes(self, state_dict, prefix, ("scale",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def fitted(self) -> bool:

@@ -1,7 +1,7 @@
 """CFA / Sp-CFA as a LightningModule around `CFAModel`, with the cache of trained views.
 
 With `view_cache` on, every view (original image, or superpixels at one region size) is looked up
-in `texad.view_cache` before fitting: cached views are loaded and frozen (no bank, no loss, no
+in `texad.methods.cfa.view_cache` before fitting: cached views are loaded and frozen (no bank, no loss, no
 gradient), only the others train, and `finish_fit` stores them. Their per-split score maps are
 reused at evaluation too, so an α sweep trains and scores each view once.
 """
@@ -18,10 +18,14 @@ from tqdm.auto import tqdm
 
 from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
+from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
+from texad.methods.cfa.feature_cache import FrozenFeatureCache, feature_key
 from texad.methods.cfa.torch_model import CFAModel
-from texad.ops import image_score as image_score_of
+from texad.methods.cfa.view_cache import ViewCache, state_digest, view_description
+from texad.methods.components.image_score import image_score as image_score_of
+from texad.outputs import digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class CFA(AnomalyModule):
         k: int = 3,
         j: int = 3,
         r0: float = 1e-5,
-        loss_alpha: float = 0.1,
+        loss_margin: float = 0.1,
         nu: float = 1e-3,
         gamma_c: int = 1,
         gamma_d: int = 1,
@@ -86,7 +90,7 @@ class CFA(AnomalyModule):
             k=k,
             j=j,
             r0=r0,
-            loss_alpha=loss_alpha,
+            loss_margin=loss_margin,
             nu=nu,
             gamma_d=gamma_d,
             pool=pool,
@@ -123,12 +127,9 @@ class CFA(AnomalyModule):
         """Give the datamodule a picklable SLIC + mosaic builder; compute the views' cache keys.
 
         `cache_dir` holds superpixels, trained views and frozen features; `output_dir` (the run dir)
-        gets view_cache.json; `run_description` (`texad.view_cache.run_description`) is what of the
+        gets view_cache.json; `run_description` (`texad.methods.cfa.view_cache.run_description`) is what of the
         run decides a trained view, for the cache keys.
         """
-        from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
-        from texad.view_cache import ViewCache, digest, view_description
-
         self._cache_root = Path(str(cache_dir))
         self._backbone_description = dict(run_description.get("backbone") or {})
         slic = {**DEFAULT_SLIC, **(self.hparams.slic or {})}
@@ -182,7 +183,6 @@ class CFA(AnomalyModule):
             raise TexadError("dataset.cache_features=true needs the run's cache dir: call "
                              "attach_views(datamodule, cache_dir=..., output_dir=..., run_description=...) first "
                              "(texad.pipeline.build does)")
-        from texad.feature_cache import FrozenFeatureCache, feature_key
 
         datamodule.setup("fit")
         description = {
@@ -237,7 +237,6 @@ class CFA(AnomalyModule):
         else:
             info.setdefault(kind, {})[split] = entry
         if self._run_dir is not None and self.global_rank == 0:
-            from texad.outputs import write_json
 
             write_json(self._run_dir / "view_cache.json", info)
 
@@ -245,7 +244,6 @@ class CFA(AnomalyModule):
     def on_fit_start(self) -> None:
         self._val_feature_memo = None
         if getattr(self, "_feature_cache", None) is not None:
-            from texad.feature_cache import FrozenFeatureCache
 
             self._val_feature_memo = FrozenFeatureCache(0)  # in memory only; filled by the first validation
         if self.model.banks_built:
@@ -308,8 +306,6 @@ class CFA(AnomalyModule):
         return trainer is not None and trainer.state.fn in ("validate", "test")
 
     def _maps_key(self, view: str, split: str) -> str:
-        from texad.view_cache import digest, state_digest
-
         return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split])
 
     def _start_split(self, split: str) -> None:
@@ -354,7 +350,7 @@ class CFA(AnomalyModule):
         super().on_test_epoch_end()
 
     def _collect(self, batch: Batch, views: dict[str, torch.Tensor]) -> None:
-        """Keep unsmoothed per-view maps of the split, for α re-fusion (texad.fusion)."""
+        """Keep unsmoothed per-view maps of the split, for α re-fusion (texad.methods.cfa.fusion)."""
         out = self.view_outputs.setdefault(
             self._split, {"paths": [], "types": [], "maps": {v: [] for v in views}, "masks": [], "labels": []}
         )

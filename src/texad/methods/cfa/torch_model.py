@@ -13,13 +13,16 @@ import torch
 from torch import nn
 
 from texad.backbones import FeatureExtractor, concat_layers, cropped_grid, padded_features
+from texad.data.superpixels import inverse_mosaic
+from texad.errors import TexadError
+from texad.geometry import Grid, resample
 from texad.methods.cfa.descriptor import CoordConvDescriptor
 from texad.methods.cfa.loss import CoupledHypersphereLoss
-from texad.methods.cfa.memory_bank import MemoryBank, nearest_sq_distances
-from texad.errors import TexadError
+from texad.methods.cfa.memory_bank import MemoryBank
 from texad.methods.cfa.scorer import SCORERS
-from texad.geometry import Grid, resample
-from texad.ops import adopt_saved_shapes, gaussian_blur2d
+from texad.methods.components.fitted_state import FittedBuffers
+from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.components.nearest import nearest_sq_distances
 
 VIEWS = ("org", "small", "big")
 #: none (official) | location: scores divided by their per-location level on training normals ("org" view
@@ -27,11 +30,13 @@ VIEWS = ("org", "small", "big")
 CALIBRATIONS = ("none", "location")
 
 
-class CFAHead(nn.Module):
+class CFAHead(FittedBuffers):
     """Descriptor + memory bank + loss for one view."""
 
+    fitted_buffers = ("location_scale",)
+
     def __init__(
-        self, in_channels: int, gamma_d: int, k: int, j: int, r0: float, alpha: float, nu: float, budget_mb: float,
+        self, in_channels: int, gamma_d: int, k: int, j: int, r0: float, margin: float, nu: float, budget_mb: float,
         score: str = "softmin",
     ) -> None:
         super().__init__()
@@ -40,14 +45,10 @@ class CFAHead(nn.Module):
         self.scorer = SCORERS[score]
         self.descriptor = CoordConvDescriptor(in_channels, max(1, in_channels // gamma_d))
         self.bank = MemoryBank()
-        self.loss_fn = CoupledHypersphereLoss(k=k, j=j, r0=r0, alpha=alpha, nu=nu)
+        self.loss_fn = CoupledHypersphereLoss(k=k, j=j, r0=r0, margin=margin, nu=nu)
         self.k, self.j, self.budget_mb = k, j, budget_mb
         # (h, w) per-location scale of the patch scores on the training normals (empty: none), see calibrate
         self.register_buffer("location_scale", torch.empty(0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        adopt_saved_shapes(self, state_dict, prefix, ("location_scale",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _patches(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         phi = self.descriptor(features)
@@ -102,7 +103,7 @@ class CFAModel(nn.Module):
         k: int = 3,
         j: int = 3,
         r0: float = 1e-5,
-        loss_alpha: float = 0.1,
+        loss_margin: float = 0.1,
         nu: float = 1e-3,
         gamma_d: int = 1,
         pool: int = 3,
@@ -128,7 +129,7 @@ class CFAModel(nn.Module):
         in_ch = sum(backbone.channels)
 
         def head() -> CFAHead:
-            return CFAHead(in_ch, gamma_d, k, j, r0, loss_alpha, nu, distance_budget_mb, score)
+            return CFAHead(in_ch, gamma_d, k, j, r0, loss_margin, nu, distance_budget_mb, score)
 
         self.heads = nn.ModuleDict({"org": head()})
         for v in self.view_names[1:]:
@@ -194,7 +195,6 @@ class CFAModel(nn.Module):
             s = self.heads[v].score(feats[v])
             s = resample(s, self.feature_grid(size, tuple(s.shape[-2:])), size)
             if v != "org":
-                from texad.data.superpixels import inverse_mosaic
 
                 s = inverse_mosaic(s, superpixels[:, i - 1])
             maps[v] = s

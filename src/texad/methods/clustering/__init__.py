@@ -1,4 +1,4 @@
-"""Anomaly clustering: group anomalous images by defect type (Ardelean & Weyrich, CVPRW 2024)."""
+"""Anomaly clustering: group anomalous images by defect type (README.md beside this file)."""
 
 from texad.methods.clustering.lightning_model import AnomalyClustering
 

@@ -13,34 +13,38 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from pathlib import Path
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import dendrogram
+
+from texad.viz import save_figure
+from texad.writers import write_csv
 
 __all__ = ["write_cluster_outputs", "plot_projection", "plot_cluster_grid", "plot_dendrogram"]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _figure(figsize: tuple[float, float], dpi: int, rows: int = 1, cols: int = 1, squeeze: bool = True):
+    """A bare Agg figure (as texad.viz: never pyplot, so the process's backend is left alone) and its axes;
+    laid out by the callers' tight_layout."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
 def _save(fig, path: Path) -> None:
-    from texad.outputs import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    _pyplot().close(fig)
+    save_figure(fig, path, dpi=int(fig.get_dpi()))
 
 
 def _type_colours(classes: list[str]):
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
     return {name: cmap(i) for i, name in enumerate(classes)}
 
 
@@ -50,8 +54,6 @@ def write_cluster_outputs(out_dir: Path, paths: list[str], types: list[str], clu
                           thumbnails: list[torch.Tensor], thumb_maps: list[torch.Tensor],
                           per_cluster: int = 6) -> None:
     """clusters.csv (one row per clustered image) and the three pictures."""
-    from texad.writers import write_csv
-
     rows = [{"path": p, "defect_type": t, "cluster": int(c), "raw_cluster": int(r)}
             for p, t, c, r in zip(paths, types, clusters["head"], clusters["raw"])]
     write_csv(out_dir / "clusters.csv", rows, ["path", "defect_type", "cluster", "raw_cluster"])
@@ -70,11 +72,10 @@ def _pca_2d(x: torch.Tensor) -> np.ndarray:
 def plot_projection(path: Path, types: list[str], clusters: dict[str, np.ndarray],
                     descriptors: dict[str, torch.Tensor], scores: dict[str, dict[str, float]]) -> None:
     """Two PCA panels (descriptors without / with the head), colour = true defect type, marker = cluster."""
-    plt = _pyplot()
     classes = sorted(set(types))
     colours = _type_colours(classes)
     markers = "o^sDvP*XhH<>p"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6), dpi=110)
+    fig, axes = _figure((13, 6), 110, 1, 2)
     for ax, (kind, title) in zip(axes, (("raw", "map-weighted backbone features (no head)"),
                                         ("head", "after the contrastive head"))):
         xy = _pca_2d(descriptors[kind])
@@ -90,7 +91,7 @@ def plot_projection(path: Path, types: list[str], clusters: dict[str, np.ndarray
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[name], markeredgecolor="black",
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[name], markeredgecolor="black",
                           markersize=8, label=name) for name in classes]
     fig.legend(handles=handles, title="defect type (colour)", loc="center right", frameon=True)
     fig.suptitle(f"Anomaly clustering of {len(types)} images: colour = true defect type, marker shape = Ward cluster",
@@ -109,13 +110,12 @@ def plot_cluster_grid(path: Path, types: list[str], clusters: np.ndarray, thumbn
                       thumb_maps: list[torch.Tensor], per_cluster: int = 6,
                       scores: dict[str, float] | None = None) -> None:
     """One row per cluster (largest first): up to ``per_cluster`` thumbnails with the map contour."""
-    plt = _pyplot()
     classes = sorted(set(types))
     colours = _type_colours(classes)
     order = clusters_by_size(clusters)
     per_cluster = max(1, int(per_cluster))
     rows, cols = len(order), per_cluster
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 2.6, 2.05 * rows + 0.8), dpi=100, squeeze=False)
+    fig, axes = _figure((1.9 * cols + 2.6, 2.05 * rows + 0.8), 100, rows, cols, squeeze=False)
     for r, cluster in enumerate(order):
         members = [i for i in range(len(types)) if int(clusters[i]) == cluster]
         composition = Counter(types[i] for i in members)
@@ -159,8 +159,6 @@ def plot_cluster_grid(path: Path, types: list[str], clusters: np.ndarray, thumbn
 
 
 def _wrap(text: str, width: int) -> str:
-    import textwrap
-
     return "\n".join(textwrap.wrap(text, width))
 
 
@@ -178,13 +176,10 @@ def cut_height(linkage_matrix: np.ndarray, k: int) -> float:
 def plot_dendrogram(path: Path, types: list[str], linkage_matrix: np.ndarray, k: int,
                     scores: dict[str, float] | None = None) -> None:
     """Ward dendrogram, leaves coloured by true type, with the cut into k clusters."""
-    from scipy.cluster.hierarchy import dendrogram
-
-    plt = _pyplot()
     classes = sorted(set(types))
     colours = _type_colours(classes)
     height = cut_height(linkage_matrix, k)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.28 * len(types) + 3), 5.5), dpi=110)
+    fig, ax = _figure((max(8.0, 0.28 * len(types) + 3), 5.5), 110)
     # links in one neutral colour (scipy's per-cluster link colours would look like type colours)
     tree = dendrogram(linkage_matrix, ax=ax, color_threshold=0, above_threshold_color="#555555",
                       labels=list(types), leaf_rotation=90, leaf_font_size=8)
@@ -196,8 +191,8 @@ def plot_dendrogram(path: Path, types: list[str], linkage_matrix: np.ndarray, k:
     if scores:
         title += f"\nNMI {scores['nmi']:.2f}   ARI {scores['ari']:.2f}   F1 {scores['cluster_f1']:.2f} at {k} clusters"
     ax.set_title(title, fontsize=10)
-    handles = [plt.Line2D([], [], color="crimson", linestyle="--", label=f"cut: {k} clusters")]
-    handles += [plt.Line2D([], [], marker="s", linestyle="", color=colours[c], label=c) for c in classes]
+    handles = [Line2D([], [], color="crimson", linestyle="--", label=f"cut: {k} clusters")]
+    handles += [Line2D([], [], marker="s", linestyle="", color=colours[c], label=c) for c in classes]
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     del tree
     fig.tight_layout()

@@ -41,6 +41,7 @@ from texad.data.batch import Batch, collate
 from texad.data.datamodule import EpochSeededShuffle
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
+from texad.methods.clustering.figures import write_cluster_outputs
 from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, build_localizer, fit_localizer
 from texad.methods.clustering.number import K_CRITERIA, criterion_scores, cut_tree, ward_linkage
 from texad.methods.clustering.torch_model import (
@@ -455,7 +456,6 @@ class AnomalyClustering(AnomalyModule):
             self.log(f"test/{key}", float(res[key]), rank_zero_only=True, sync_dist=False)
         output_dir = self.output_dir
         if output_dir is not None and self.global_rank == 0:
-            from texad.methods.clustering.figures import write_cluster_outputs
 
             write_cluster_outputs(Path(output_dir), paths, types, clusters, descriptors, scores, linkages, used_k,
                                   [self._cache[p]["thumbnail"] for p in paths],

@@ -30,9 +30,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from texad.errors import TexadError
+from texad.methods.blind_vae.torch_model import FeatureVAE
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ def build_localizer(source: str, backbone: nn.Module, factories: Mapping[str, An
                          f"(conf/method/{source}.yaml, pulled in by conf/method/clustering.yaml)")
     try:
         if isinstance(factory, Mapping):
-            from hydra.utils import instantiate
 
             conf = {k: v for k, v in factory.items() if k != "_partial_"}
             return instantiate(conf, backbone=backbone, _convert_="all")
@@ -82,8 +83,6 @@ def fit_localizer(source: str, localizer: nn.Module | None, datamodule: Any,
 def fit_blind_vae(method: nn.Module, batches: Callable[[], Iterable[Any]], images_per_step: int,
                   device: torch.device, seed: int) -> dict[str, Any]:
     """Train the blind VAE on the clustered images (unlabelled), as ``BlindVAEMethod.training_step``."""
-    from texad.methods.blind_vae.torch_model import FeatureVAE
-
     hp = method.hparams
     feats = []
     with torch.no_grad():

@@ -15,7 +15,7 @@ which merges exactly as scikit-learn's ``AgglomerativeClustering(linkage="ward")
   nearest neighbour), a criterion from spectral clustering applied to the descriptors.
 
 All search k in [k_min, k_max] (k_max capped at n − 1). Which one is the default was decided on
-synthetic, well-separated and harder Gaussian mixtures (``texad.methods.clustering.study``), never on
+synthetic, well-separated and harder Gaussian mixtures (``texad.tools.clustering_study``), never on
 the test labels; see ``conf/method/clustering.yaml``.
 """
 
@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import cdist
+from sklearn.metrics import silhouette_score
 
 from texad.errors import TexadError
 
@@ -39,8 +42,6 @@ def _numpy(x) -> np.ndarray:
 
 def ward_linkage(descriptors) -> np.ndarray:
     """scipy linkage matrix (n−1, 4) of Ward clustering on Euclidean distances."""
-    from scipy.cluster.hierarchy import linkage
-
     x = _numpy(descriptors)
     if x.ndim != 2 or x.shape[0] < 2:
         raise TexadError(f"Ward clustering needs at least 2 descriptors (N, D), got shape {x.shape}")
@@ -49,8 +50,6 @@ def ward_linkage(descriptors) -> np.ndarray:
 
 def cut_tree(linkage_matrix: np.ndarray, k: int) -> np.ndarray:
     """Cluster ids 0..k−1 of the Ward tree cut into k clusters (ids ordered by first appearance)."""
-    from scipy.cluster.hierarchy import fcluster
-
     n = linkage_matrix.shape[0] + 1
     if not 1 <= k <= n:
         raise TexadError(f"cannot cut {n} items into {k} clusters")
@@ -82,7 +81,6 @@ def criterion_scores(descriptors, criterion: str, k_min: int = 2, k_max: int = 1
         h = z[:, 2]
         return {k: float(h[n - k] - h[n - k - 1]) for k in ks}
     if criterion == "silhouette":
-        from sklearn.metrics import silhouette_score
 
         out = {}
         for k in ks:
@@ -95,8 +93,6 @@ def criterion_scores(descriptors, criterion: str, k_min: int = 2, k_max: int = 1
 
 def laplacian_spectrum(x: np.ndarray, neighbour: int = 7) -> np.ndarray:
     """Ascending eigenvalues of I − D^-½ A D^-½, A_ij = exp(−d_ij² / (σ_i σ_j)), σ_i = d(i, its 7th NN)."""
-    from scipy.spatial.distance import cdist
-
     d = cdist(x, x)
     n = len(x)
     m = min(neighbour, n - 1)

@@ -1,6 +1,6 @@
 """Anomaly clustering parts: map-weighted image descriptors, pair mining, the head and its loss.
 
-Follows the official BlindLCA code (see ``shared/reference/fca-blind.md`` §4) on *how*:
+Follows the official BlindLCA code (TArdelean/BlindLCA; README.md beside this file) on *how*:
 
 * **Descriptor** D_i = Σ_x softmax(α_i/τ)(x) · F̃_i(x), F̃ = features blurred (kernel 7, σ 2) minus
   each channel's spatial mean. The official code applies τ = 0.002 to α on its own, unstated scale;
@@ -22,7 +22,7 @@ We cluster anomalous images only, so every image holds a defect and the split is
 median.
 
 Options studied for issue #14 (defaults chosen on a validation set of other defect generators
-planted into normal training images, never on the test labels; ``texad.methods.clustering.study``):
+planted into normal training images, never on the test labels; ``texad.tools.clustering_study``):
 ``attention_border`` (a frame left out of the attention, ``clear_border``), ``center`` (subtract each
 image's own channel mean or the normal images' mean feature), ``standardize`` (divide by the normal
 images' per-channel spread), ``pooling`` (softmax(α/τ) as the paper, or a uniform average over the
@@ -36,12 +36,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import AgglomerativeClustering
 from torch import nn
 
 from texad.backbones import concat_layers
 from texad.errors import TexadError
 from texad.geometry import PIXELS, Grid, resample
-from texad.methods.fca.torch_model import gaussian_kernel_1d
+from texad.methods.components.feature_maps import scale_features_minmax
+from texad.methods.components.gaussian import gaussian_taps
 
 __all__ = [
     "maps_on_cells",
@@ -124,7 +126,7 @@ def smooth_and_center(features: torch.Tensor, kernel: int = 7, sigma: float = 2.
         raise TexadError(f"method.center must be one of {list(CENTERS)}, got {center!r}")
     if kernel and kernel > 1:
         c, (h, w), r = features.shape[1], features.shape[-2:], kernel // 2
-        k1 = gaussian_kernel_1d(kernel, sigma, dtype=features.dtype).to(features.device)
+        k1 = gaussian_taps(kernel, sigma, dtype=features.dtype).to(features.device)
         x = F.pad(features, (r, r, r, r), mode="reflect" if r < min(h, w) else "replicate")
         x = F.conv2d(x, k1.view(1, 1, 1, -1).expand(c, 1, 1, kernel), groups=c)
         features = F.conv2d(x, k1.view(1, 1, -1, 1).expand(c, 1, kernel, 1), groups=c)
@@ -245,8 +247,6 @@ def contrastive_loss(
 
 def ward_clusters(descriptors: torch.Tensor, n_clusters: int) -> np.ndarray:
     """Ward agglomerative clustering (scikit-learn) of (N, D) descriptors into n_clusters ids."""
-    from sklearn.cluster import AgglomerativeClustering
-
     n = descriptors.shape[0]
     if not 1 <= n_clusters <= n:
         raise TexadError(f"method.n_clusters={n_clusters} must be between 1 and the number of clustered images ({n})")
@@ -291,8 +291,6 @@ class ClusteringModel(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """Min–max scaled descriptor features (N, C, h, w) on the first descriptor layer's cells, and their grid."""
-        from texad.methods.fca.torch_model import scale_features_minmax
-
         maps = self.backbone(images)
         grids = self.backbone.grids(images.shape[-2:], maps)
         cat, grid = concat_layers([maps[i] for i in self.descriptor_layers],

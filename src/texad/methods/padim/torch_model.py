@@ -34,9 +34,10 @@ from torch import nn
 
 from texad.backbones import FeatureExtractor
 from texad.errors import TexadError
-from texad.methods.patchcore.torch_model import select_layers
 from texad.geometry import Grid, resample
-from texad.ops import adopt_saved_shapes, gaussian_blur2d
+from texad.methods.components.fitted_state import FittedBuffers
+from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.components.layers import select_layers
 
 
 def random_channels(n_total: int, n_select: int, seed: int) -> torch.Tensor:
@@ -94,8 +95,10 @@ class GaussianStatistics(nn.Module):
         self.count = int(round(total))
 
 
-class PaDiMModel(nn.Module):
+class PaDiMModel(FittedBuffers):
     """Frozen backbone → random-channel embedding → per-location Gaussians → Mahalanobis maps."""
+
+    fitted_buffers = ("mean", "precision")
 
     def __init__(
         self,
@@ -125,10 +128,6 @@ class PaDiMModel(nn.Module):
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("precision", torch.empty(0))
         self.register_buffer("map_size", torch.zeros(2, dtype=torch.long))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        adopt_saved_shapes(self, state_dict, prefix, ("mean", "precision"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def fitted(self) -> bool:

@@ -12,7 +12,7 @@ Follows the paper and its official code (amazon-science/patchcore-inspection):
   default), selected on a seeded Gaussian random projection to ``projection_dim`` (128, as the
   paper's Johnson–Lindenstrauss projection); the bank keeps the unprojected features.
 * scoring: exact nearest-neighbour distance of each test patch to the bank
-  (texad's chunked search, `nearest_sq_distances`), bilinearly upsampled to the input size and
+  (texad's chunked search, `texad.methods.components.nearest`), bilinearly upsampled to the input size and
   blurred with a Gaussian of σ = 4; image score = the largest patch distance, optionally with the
   paper's reweighting (Eq. 7): ``s = (1 − exp‖m* − n*‖ / Σ_{n∈N_b(n*)} exp‖m* − n‖) · s*``.
   The official code does not reweight (its score is the max), so ``reweight`` is off by default.
@@ -42,13 +42,14 @@ import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from texad.backbones import FeatureExtractor, concat_layers
 from texad.errors import TexadError
-from texad.methods.cfa.memory_bank import nearest_sq_distances
 from texad.geometry import Grid, resample
-from texad.ops import adopt_saved_shapes, gaussian_blur2d
+from texad.methods.components.fitted_state import FittedBuffers
+from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.components.layers import select_layers
+from texad.methods.components.nearest import nearest_sq_distances
 
 
 # squared distances below ROUNDING·‖x‖² are float32 rounding noise of ‖x‖² − 2x·c + ‖c‖² (D·ε ≈ 1e-5)
@@ -116,22 +117,10 @@ def greedy_coreset(
     return torch.tensor(picks, dtype=torch.long)
 
 
-def select_layers(backbone: FeatureExtractor, layers: Sequence[int], key: str = "method.layers") -> list[int]:
-    """Positions of `layers` (timm out indices) among the backbone's outputs."""
-    layers = [int(i) for i in layers]
-    if len(layers) == 0:
-        raise TexadError(f"{key} must name at least one backbone layer")
-    missing = [i for i in layers if i not in backbone.layers]
-    if missing:
-        raise TexadError(
-            f"{key}={layers} needs backbone layers {missing} that the backbone does not return "
-            f"(backbone.layers={list(backbone.layers)}); add them to backbone.layers"
-        )
-    return [backbone.layers.index(i) for i in layers]
-
-
-class PatchCoreModel(nn.Module):
+class PatchCoreModel(FittedBuffers):
     """Frozen backbone → locally aware patch features → coreset memory bank → anomaly maps."""
+
+    fitted_buffers = ("memory_bank",)
 
     def __init__(
         self,
@@ -154,10 +143,6 @@ class PatchCoreModel(nn.Module):
         self.reweight, self.num_neighbors = bool(reweight), int(num_neighbors)
         self.budget_mb = float(distance_budget_mb)
         self.register_buffer("memory_bank", torch.empty(0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        adopt_saved_shapes(self, state_dict, prefix, ("memory_bank",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def bank_built(self) -> bool:

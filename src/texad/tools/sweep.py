@@ -42,7 +42,8 @@ class SummaryCallback(Callback):
         self.sort, self.ascending = sort, ascending
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from texad.compare import is_test_metric, summarize, test_sort_warning, write_summary
+        # imported when a sweep ends, not at every Hydra start-up (this module is loaded by every run)
+        from texad.tools.compare import is_test_metric, summarize, test_sort_warning, write_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

@@ -1,4 +1,7 @@
-"""Descriptor options measured on the validation defects of ``study.py`` (never on the test set).
+"""Descriptor options measured on validation defects (never on the test set), for ``clustering_study``.
+
+The validation set: normal *training* images of an embedded set, each with one defect from five
+generators that are not the test set's families (``VALIDATION_TYPES``).
 
 One factor at a time around the current defaults; for each option the raw descriptors and the
 head (trained exactly as the method trains it: ``mine_pairs``, ``pair_training_data``,
@@ -8,16 +11,19 @@ number of *validation* types and scored (NMI / ARI / F1), with FCA maps and with
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import torch
 
 from texad.backbones import FeatureExtractor, concat_layers
-from texad.metrics.clustering import adjusted_rand_index, hungarian_f1, normalized_mutual_info
+from texad.data.embedded import ensure_texture_set
+from texad.data.images import read_rgb, resize_rgb
 from texad.methods.clustering.lightning_model import image_descriptors
 from texad.methods.clustering.number import cut_tree, ward_linkage
 from texad.methods.clustering.torch_model import (
@@ -28,7 +34,9 @@ from texad.methods.clustering.torch_model import (
     mine_pairs,
     pair_training_data,
 )
-from texad.methods.fca.torch_model import scale_features_minmax
+from texad.methods.components.feature_maps import scale_features_minmax
+from texad.methods.fca.lightning_model import FCAMethod
+from texad.metrics.clustering import adjusted_rand_index, hungarian_f1, normalized_mutual_info
 
 BASE = dict(border=0.08, temperature=0.02, pooling="softmax", center="image", standardize=False, normalize=False,
             layers=(0, 1, 2), pool=1, k=3, mutual=False, negative_quantile=0.5)
@@ -39,6 +47,75 @@ OPTIONS = [
     {"layers": (0, 1)}, {"layers": (1, 2)}, {"pool": 3}, {"k": 1}, {"k": 5}, {"k": 5, "mutual": True},
     {"k": 3, "mutual": True}, {"negative_quantile": 0.3}, {"negative_quantile": 0.7},
 ]
+
+
+
+VALIDATION_TYPES = ("disc", "stripes", "blur", "noise", "tint")
+
+
+def plant_validation_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of a uint8 (H, W, 3) image with one defect of a validation type, and its bool mask.
+
+    Shapes are ellipses (disc, tint, blur, noise) or a rotated rectangle (stripes) of 1–4 % of the
+    image, away from the border; deliberately simple and unlike the test families.
+    """
+    h, w = image.shape[:2]
+    side = min(h, w)
+    img = image.astype(np.float32)
+    std = max(float(img.std()), 8.0)
+    area = rng.uniform(0.01, 0.04) * h * w
+    aspect = rng.uniform(1.0, 2.0)
+    ry, rx = np.sqrt(area / np.pi * aspect), np.sqrt(area / np.pi / aspect)
+    margin = int(0.1 * side + max(ry, rx))
+    cy, cx = rng.uniform(margin, h - margin), rng.uniform(margin, w - margin)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    if kind == "stripes":
+        mask = (np.abs(u) <= rx * 1.2) & (np.abs(v) <= ry * 0.9)
+        period = rng.uniform(3, 6) * side / 256
+        pattern = np.sin(2 * np.pi * u / period)[..., None] * 1.5 * std
+        target = img.mean((0, 1)) + pattern
+    else:
+        mask = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+        if kind == "disc":
+            colour = img.mean((0, 1)) + rng.choice([-1, 1]) * rng.uniform(1.5, 2.5) * std
+            target = np.broadcast_to(colour, img.shape)
+        elif kind == "blur":
+            target = cv2.GaussianBlur(img, (0, 0), sigmaX=side / 40)
+        elif kind == "noise":
+            target = img + rng.normal(0, 1.5 * std, img.shape[:2])[..., None]
+        elif kind == "tint":
+            target = img.copy()
+            channel = rng.integers(0, 3)
+            target[..., channel] += 1.5 * std
+            target[..., (channel + 1) % 3] -= 0.5 * std
+        else:
+            raise ValueError(kind)
+    out = np.where(mask[..., None], target, img)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), mask
+
+
+def validation_set(texture: str, per_type: int, image_size: int, seed: int = 0):
+    """Images (N,3,H,W normalised as the backbone expects), masks and types, from the normal
+    *training* images of the embedded set (never its test images)."""
+
+
+    cache = Path(os.environ.get("TEXAD_CACHE", Path.home() / ".cache/texad")) / "textures/s256_n40-12-8_seed0"
+    root = ensure_texture_set(texture, cache, 256, 40, 12, 8, None, 0)
+    train = sorted((root / "train" / "good").glob("*.png"))
+    rng = np.random.default_rng(seed)
+    images, masks, types = [], [], []
+    order = rng.permutation(len(train))
+    for t, kind in enumerate(VALIDATION_TYPES):
+        for j in range(per_type):
+            base = resize_rgb(read_rgb(train[order[(t * per_type + j) % len(train)]]), (image_size, image_size))
+            image, mask = plant_validation_defect(base, kind, rng)
+            images.append(image)
+            masks.append(mask)
+            types.append(kind)
+    return images, masks, types
 
 
 def _to_tensor(images: list[np.ndarray], mean, std) -> torch.Tensor:
@@ -73,8 +150,6 @@ def _train_head(model: ClusteringModel, features, maps, opt, seed: int = 0, epoc
 
 def study_descriptors(texture: str, per_type: int = 8, image_size: int = 256, only: list[int] | None = None,
                       sources: list[str] | None = None) -> dict:
-    from texad.methods.clustering.study import VALIDATION_TYPES, validation_set
-    from texad.methods.fca.lightning_model import FCAMethod
 
     t0 = time.time()
     backbone = FeatureExtractor("efficientnet_lite0", (1, 2, 3), mean=(0.5,) * 3, std=(0.5,) * 3)

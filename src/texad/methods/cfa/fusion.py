@@ -24,7 +24,8 @@ from texad.metrics.bootstrap import TestStatistics, collect_statistics, interval
 from texad.metrics.border import ring_ratio
 from texad.metrics.offset import defect_alignment, offset_record
 from texad.metrics.pixel import pixel_metric_record
-from texad.ops import gaussian_blur2d, image_score
+from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.components.image_score import image_score
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def grid_search(
 
     `screen_stride` 1: every point exact. > 1: every point on the subsampled pixels, then the
     `refine_top` best re-scored exactly; the reported value is always exact. `image_rule` is the
-    method's image score (`texad.ops.image_score` rule and fraction), for the image metrics.
+    method's image score (`texad.methods.components.image_score` rule and fraction), for the image metrics.
     """
     start = time.perf_counter()
     views = list(blurred)
@@ -179,7 +180,7 @@ def fused_metrics(
 ) -> dict[str, float | None]:
     """All pixel and image metrics of the fused map at α (the usual metrics.json keys, AUPIMO and the
     normal images' ring ratio included); the image score is the method's rule (`image_rule`:
-    `texad.ops.image_score` rule and fraction). `thresholds` (`{"pixel": t, "image": t}`, validation's
+    `texad.methods.components.image_score` rule and fraction). `thresholds` (`{"pixel": t, "image": t}`, validation's
     best-F1 thresholds) add `pixel_f1_at_val` / `image_f1_at_val`, as a test pass without re-fusion has."""
     fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
     fused_t = torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))

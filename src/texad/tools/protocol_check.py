@@ -1,6 +1,6 @@
 """Does validation rank settings like the test set? Spearman ρ between validation and test metrics.
 
-    python -m texad.protocol_check [--sets brick grass gravel] [--epochs 1 2 5 10 30]
+    python -m texad.tools.protocol_check [--sets brick grass gravel] [--epochs 1 2 5 10 30]
                                    [--sigmas 2 4 8] [--spcfa] [--override KEY=VALUE ...] [--out DIR]
 
 A selection protocol is only worth as much as its agreement with the test set on the settings it
@@ -26,24 +26,27 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
+from scipy.stats import spearmanr
+
+from texad.methods.cfa.fusion import simplex_grid
+from texad.methods.cfa.scorer import SCORERS
+from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.components.image_score import image_score
+from texad.metrics import functional as mf
+from texad.metrics.bootstrap import collect_statistics, rank_correlation_interval
+from texad.metrics.border import ring_ratio
+from texad.outputs import atomic_write, write_json
+from texad.pipeline import build
+from texad.tools import compose_train
 
 log = logging.getLogger(__name__)
 
 METRICS = ("pixel_aupr", "pixel_aupro")
-
-
-def compose(overrides: Sequence[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
 
 
 class Snapshots(Callback):
@@ -78,17 +81,12 @@ def split_maps(method, loader) -> dict[str, Any]:
 
 def statistics_of(amap: torch.Tensor, data: dict[str, Any]):
     """Bootstrap statistics (texad.metrics.bootstrap) of one split's maps at one setting."""
-    from texad.metrics.bootstrap import collect_statistics
-    from texad.ops import image_score
-
     return collect_statistics(image_score(amap, "max"), data["labels"], data["paths"], data["types"], amap,
                               data["masks"])
 
 
 def rho_record(rows: list[dict], stats: list[tuple[Any, Any]]) -> dict[str, Any]:
     """ρ(validation, test) per metric over the rows, its 95 % bootstrap interval over both splits' images."""
-    from texad.metrics.bootstrap import rank_correlation_interval
-
     return {
         "rho": {m: spearman([r[f"val/{m}"] for r in rows], [r[f"test/{m}"] for r in rows]) for m in METRICS},
         "rho_ci95": {m: rank_correlation_interval(stats, m) for m in METRICS},
@@ -96,10 +94,6 @@ def rho_record(rows: list[dict], stats: list[tuple[Any, Any]]) -> dict[str, Any]
 
 
 def scores_of(amap: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    from texad.metrics import functional as mf
-    from texad.metrics.border import ring_ratio
-    from texad.ops import image_score
-
     out = {"pixel_aupr": mf.average_precision(amap, masks), "pixel_aupro": mf.aupro(amap, masks)}
     out["image_auroc"] = mf.roc_auc(image_score(amap, "max"), labels)
     out["image_auroc_top"] = mf.roc_auc(image_score(amap, "top_mean", 0.01), labels)
@@ -109,10 +103,7 @@ def scores_of(amap: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def fit(cfg, extra_callbacks: list) -> Any:
-    import lightning as L
-    from hydra.utils import instantiate
 
-    from texad.pipeline import build
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule, method = build(cfg)
@@ -124,8 +115,6 @@ def fit(cfg, extra_callbacks: list) -> Any:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    from scipy.stats import spearmanr
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
@@ -135,10 +124,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 def check_cfa(
     dataset: str, epochs: Sequence[int], sigmas: Sequence[float], scores: Sequence[str], overrides: Sequence[str]
 ) -> dict:
-    from texad.methods.cfa.scorer import SCORERS
-    from texad.ops import gaussian_blur2d
 
-    cfg = compose([f"dataset={dataset}", f"method.epochs={max(epochs)}", "logger=none", "selection.every_n_epochs=0",
+    cfg = compose_train([f"dataset={dataset}", f"method.epochs={max(epochs)}", "logger=none", "selection.every_n_epochs=0",
                    "paths.output_dir=/tmp/texad-protocol-check", *overrides])
     start = time.time()
     snaps = Snapshots(epochs)
@@ -178,10 +165,7 @@ def by_factor(rows: list[dict], factors: Sequence[str]) -> dict[str, dict[str, d
 
 
 def check_spcfa_alpha(dataset: str, step: float, overrides: Sequence[str]) -> dict:
-    from texad.fusion import simplex_grid
-    from texad.ops import gaussian_blur2d
-
-    cfg = compose([f"dataset={dataset}", "method=spcfa", "logger=none", "selection.every_n_epochs=0",
+    cfg = compose_train([f"dataset={dataset}", "method=spcfa", "logger=none", "selection.every_n_epochs=0",
                    "method.view_cache=false", "paths.output_dir=/tmp/texad-protocol-check", *overrides])
     start = time.time()
     datamodule, method = fit(cfg, [])
@@ -235,7 +219,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m texad.protocol_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m texad.tools.protocol_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=["brick", "grass", "gravel"], help="embedded texture sets")
     parser.add_argument("--epochs", nargs="+", type=int, default=[1, 2, 5, 10, 30])
     parser.add_argument("--sigmas", nargs="+", type=float, default=[2.0, 4.0, 8.0])
@@ -248,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/protocol_check", help="folder for protocol_check.json/.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from texad.outputs import atomic_write, write_json
 
     out = Path(args.out)
     results = []

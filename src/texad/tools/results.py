@@ -1,6 +1,6 @@
 """The README's results table from one command: every method on the embedded texture sets, over seeds.
 
-    python -m texad.results [--sets textures/brick ...] [--seeds 0 1 2] [--methods cfa spcfa ...]
+    python -m texad.tools.results [--sets textures/brick ...] [--seeds 0 1 2] [--methods cfa spcfa ...]
                             [--size 256] [--n-train 40] [--epochs N] [--jobs 2] [--override KEY=VALUE ...]
                             [--out outputs/results/<date-time>] [--table conf/results/default.yaml]
 
@@ -36,12 +36,10 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -53,11 +51,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from texad.errors import TexadError
 from texad.outputs import atomic_write, write_json
+from texad.tools import ROOT
+from texad.tools.stats import SeedPool, flatten_metrics, is_number
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, evaluate.py, conf/
 DEFAULT_TABLE = ROOT / "conf" / "results" / "default.yaml"
 DEFAULT_SELECTION = "val/pixel_aupr"
 EVAL_DIR = "evaluate"
@@ -146,9 +147,6 @@ def method_entries(table: dict[str, Any], wanted: Sequence[str] | None) -> tuple
 
 def trains(method: str) -> bool:
     """Whether `method.epochs` means anything for this method (its composed config has epochs > 0)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -201,20 +199,6 @@ def run_dir_of(plan: Plan, method: str, set_name: str, seed: int) -> Path:
 # ---------------------------------------------------------------------------------------- running
 
 
-def _flatten(record: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if key == "val" and isinstance(value, dict):
-            out.update({f"val/{k}": float(v) for k, v in value.items() if _is_number(v)})
-        elif _is_number(value) and key != "seed":
-            out[key] = float(value)
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -264,7 +248,7 @@ def _subprocess(args: list[str], log_path: Path, threads: int | None = None) -> 
 def _entry_point(name: str) -> str:
     path = ROOT / name
     if not path.is_file():
-        raise TexadError(f"python -m texad.results runs {name} of the repository, but {str(path)!r} does not exist")
+        raise TexadError(f"python -m texad.tools.results runs {name} of the repository, but {str(path)!r} does not exist")
     return str(path)
 
 
@@ -333,12 +317,12 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
     result.final_dir = final.parent
     if entry.evaluate:  # what only the fit knows comes from train.py's record
         record.update({k: fit[k] for k in FIT_KEYS if k in fit and k not in record})
-    result.metrics = _flatten(record)
+    result.metrics = flatten_metrics(record)
     result.selection = _selection_key(run_dir)
     times = [fit.get("wall_time_s")]
     if entry.evaluate:
         times.append(record.get("wall_time_s"))
-    result.wall_time_s = sum(float(t) for t in times) if all(_is_number(t) for t in times) else None
+    result.wall_time_s = sum(float(t) for t in times) if all(is_number(t) for t in times) else None
     return result
 
 
@@ -346,7 +330,7 @@ def run_one(plan: Plan, entry: MethodEntry, set_name: str, seed: int, collect: b
 
 
 @dataclass
-class Row:
+class Row(SeedPool):
     """One method on one set: its runs over the seeds."""
 
     table: str
@@ -368,24 +352,8 @@ class Row:
             return [r.wall_time_s for r in self.ok if r.wall_time_s is not None]
         return [r.metrics[key] for r in self.ok if key in r.metrics]
 
-    def mean(self, key: str) -> float | None:
-        values = self.values(key)
-        return statistics.fmean(values) if values else None
-
-    def std(self, key: str) -> float | None:
-        """Sample standard deviation (ddof 1); None for fewer than two seeds."""
-        values = self.values(key)
-        return statistics.stdev(values) if len(values) > 1 else None
-
-    def interval(self, key: str) -> list[float] | None:
-        """95 % bootstrap interval of the seed mean over the test images (every seed resampled alike)."""
-        if self._intervals is None:
-            from texad.compare import group_interval_table
-
-            self._intervals = group_interval_table([r.final_dir for r in self.ok if r.final_dir is not None])
-        return self._intervals.get(key)
-
-    _intervals: dict[str, list[float]] | None = field(default=None, repr=False)
+    def run_dirs(self) -> list[Path]:
+        return [r.final_dir for r in self.ok if r.final_dir is not None]
 
 
 #: metrics where higher is better: the table marks, per set, the rows whose interval overlaps the best one's
@@ -518,7 +486,7 @@ def to_markdown(plan: Plan, rows: Sequence[Row], results: Sequence[RunResult], c
         "the `val/…` (selection) column: the validation metric each run selected its settings on (epochs, "
         "Sp-CFA's α). Rows follow the table's method order; they are not ranked, and no test metric chose anything. "
         "Per set and metric, **bold** is the highest mean and ≈ marks the rows whose interval overlaps the bold one's: "
-        "differences this test set cannot tell from noise (`python -m texad.compare --paired` tests a pair).",
+        "differences this test set cannot tell from noise (`python -m texad.tools.compare --paired` tests a pair).",
         "",
     ]
     main = [r for r in rows if r.table == "main"]
@@ -551,7 +519,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     sets = list(args.sets or table.get("sets") or [])
     seeds = [int(s) for s in (args.seeds if args.seeds is not None else table.get("seeds") or [0])]
     if not sets or not seeds:
-        raise TexadError("python -m texad.results needs at least one set and one seed")
+        raise TexadError("python -m texad.tools.results needs at least one set and one seed")
     for entry in entries:
         entry.overrides += per_method.get(entry.name, [])
         if args.epochs is not None and trains(entry.name):
@@ -618,7 +586,7 @@ def write_outputs(plan: Plan, results: Sequence[RunResult], command: str) -> tup
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m texad.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m texad.tools.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=None, help="data sets (default: the table's, textures/{brick,grass,gravel})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the table's, 0 1 2)")
     parser.add_argument("--methods", nargs="+", default=None, help="methods (default: every method of the table)")
@@ -649,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    command = " ".join(["python -m texad.results", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+    command = " ".join(["python -m texad.tools.results", shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
     try:
         plan = make_plan(args)
         for line in plan.skipped:

@@ -1,11 +1,11 @@
-"""`python -m texad.contact_sheet`: every test normal of an embedded texture set on one PNG.
+"""`python -m texad.tools.contact_sheet`: every test normal of an embedded texture set on one PNG.
 
 So a reader can see what "normal" is before reading a false positive: the photo's own structures
 (gravel's dark gaps, grass's bright blades, brick's mortar irregularities) are labelled normal, and a
 method that flags them is wrong. Each tile is one image of `test/good/`, with its file name.
 
-    python -m texad.contact_sheet                       # all three sets, into outputs/contact_sheets/
-    python -m texad.contact_sheet --sets textures/gravel --out sheets --columns 8
+    python -m texad.tools.contact_sheet                       # all three sets, into outputs/contact_sheets/
+    python -m texad.tools.contact_sheet --sets textures/gravel --out sheets --columns 8
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from texad.data.layout import GOOD, list_images
 from texad.errors import TexadError
 from texad.outputs import atomic_write
+from texad.tools import CONF_DIR
 
 SETS = ("textures/brick", "textures/grass", "textures/gravel")
 
@@ -54,17 +57,14 @@ def _fit(image: np.ndarray, tile: int) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m texad.contact_sheet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m texad.tools.contact_sheet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), help="embedded texture sets (default: all three)")
     parser.add_argument("--out", default="outputs/contact_sheets", help="folder for <set>.png")
     parser.add_argument("--columns", type=int, default=8)
     parser.add_argument("--override", action="append", default=[],
                         help="dataset override as train.py takes it, e.g. dataset.generated_size=128")
     args = parser.parse_args(argv)
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    from texad.bench import CONF_DIR
 
     out = Path(args.out)
     for name in args.sets:

@@ -1,4 +1,4 @@
-"""`python -m texad.bench`: speed and memory figures of this machine, printed as one JSON object.
+"""`python -m texad.tools.bench`: speed and memory figures of this machine, printed as one JSON object.
 
 Each method is measured in its own subprocess (so its peak RSS is its own) on real embedded images:
 training images/s (an epoch after the memory bank is built), inference images/s, and the ratio of
@@ -23,10 +23,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+import lightning as L
+import numpy as np
+import torch
+from scipy import ndimage
+
+from texad.methods.cfa.fusion import time_refusion
+from texad.methods.components.fca import FCA
+from texad.methods.components.nearest import search_chunk_rows
+from texad.metrics.aupimo import aupimo_per_image
+from texad.metrics.bootstrap import collect_statistics, intervals
+from texad.metrics.functional import aupro, best_f1, pixel_scores, roc_auc
+from texad.pipeline import build
+from texad.tools import CONF_DIR, compose_train
+
 
 
 def _interleaved_median_times(fns: list, repeats: int) -> list[float]:
@@ -48,12 +60,9 @@ def _median_time(fn, repeats: int) -> float:
 def _exact_search_floor(model, batch_image) -> tuple[Any, dict[str, Any]] | None:
     """The bare query×centroid products of every CFA view for this batch: the least work any exact
     global nearest-centroid search must do. Its time bounds how close inference can get to the backbone."""
-    import torch
-
     heads = getattr(getattr(model, "model", None), "heads", None)
     if heads is None:
         return None
-    from texad.methods.cfa.memory_bank import search_chunk_rows
 
     with torch.inference_mode():
         feats = model.model.features(batch_image)
@@ -82,26 +91,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _compose(overrides: list[str], output_dir: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
-
-
 def measure_method(
     method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str], repeats: int = 9
 ) -> dict[str, Any]:
     """Fit `epochs` epochs on the embedded gravel set, then time inference against the backbone."""
-    import lightning as L
-    import torch
 
-    from texad.pipeline import build
 
     out = tempfile.mkdtemp(prefix="texad-bench-")
-    cfg = _compose(
+    cfg = compose_train(
         [
             f"method={method}",
             "dataset=textures/gravel",
@@ -118,8 +115,8 @@ def measure_method(
             "trainer.enable_progress_bar=false",
             *([f"method.epochs={epochs}"] if method != "fca" else []),
             *extra,
+            f"paths.output_dir={out}",
         ],
-        out,
     )
     L.seed_everything(0)
     datamodule, model = build(cfg)
@@ -198,12 +195,8 @@ def measure_method(
 
 
 def measure_metrics(n_images: int, size: int, anomalous_fraction: float = 0.03, seed: int = 0) -> dict[str, Any]:
-    """Time of all pixel metrics and of AUPRO alone on synthetic maps with blob-shaped defects."""
-    import numpy as np
-    from scipy import ndimage
-
-    from texad.metrics.functional import aupro, pixel_scores
-
+    """Time of all pixel metrics, of AUPRO alone, and of the bootstrap intervals (per-image statistics and
+    1 000 replicates, `texad.metrics.bootstrap`) on synthetic maps with blob-shaped defects."""
     rng = np.random.default_rng(seed)
     masks = np.zeros((n_images, size, size), bool)
     for i in range(n_images // 2, n_images):
@@ -212,23 +205,30 @@ def measure_metrics(n_images: int, size: int, anomalous_fraction: float = 0.03, 
     maps = (masks * 0.8 + rng.standard_normal(masks.shape) * 0.5).astype(np.float32)
     t_all = _median_time(lambda: pixel_scores(maps, masks), 3)
     t_aupro = _median_time(lambda: aupro(maps, masks), 3)
-    from texad.metrics.functional import best_f1, roc_auc
 
     t_image = _median_time(lambda: (roc_auc(maps.max((1, 2)), masks.any((1, 2))), best_f1(maps.max((1, 2)), masks.any((1, 2)))), 3)
+    labels = masks.any((1, 2)).astype(int)
+    maps_t, masks_t = torch.from_numpy(maps), torch.from_numpy(masks)
+    paths = [f"image{i}" for i in range(n_images)]
+    types = ["good" if y == 0 else "blob" for y in labels]
+
+    def bootstrap():
+        stats = collect_statistics(maps_t.flatten(1).amax(1), labels, paths, types, maps_t, masks_t,
+                                   aupimo_per_image(maps, masks))
+        return intervals(stats)
+
+    t_bootstrap = _median_time(bootstrap, 3)
     return {
         "n_images": n_images,
         "image_size": size,
         "anomalous_pixel_fraction": round(float(masks.mean()), 4),
         "all_six_metrics_s": round(t_all + t_image, 4),
         "aupro_s": round(t_aupro, 4),
+        "bootstrap_intervals_s": round(t_bootstrap, 4),
     }
 
 
-def measure_refusion(n_points: int, n_images: int, size: int) -> dict[str, Any] | None:
-    try:
-        from texad.fusion import time_refusion
-    except ImportError:
-        return None
+def measure_refusion(n_points: int, n_images: int, size: int) -> dict[str, Any]:
     return time_refusion(n_points=n_points, n_images=n_images, size=size)
 
 
@@ -256,9 +256,7 @@ def measure_fca_core(channels: int, side: int, repeats: int, device: str = "cpu"
     """Seconds per call of the FCA core on one random (1, channels, side, side) map, and its peak
     extra memory (resident set on CPU, allocated on a GPU). Content does not change FCA's cost (it
     counts ranks), so random features are a fair input."""
-    import torch
 
-    from texad.methods.fca import FCA
 
     torch.manual_seed(0)
     features = torch.rand(1, channels, side, side, device=device)
@@ -288,7 +286,7 @@ def measure_fca_core(channels: int, side: int, repeats: int, device: str = "cpu"
 
 
 def _run_child(args: argparse.Namespace, what: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "texad.bench", "--child", what, *args.passthrough]
+    cmd = [sys.executable, "-m", "texad.tools.bench", "--child", what, *args.passthrough]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2, help="training epochs per method (first one excluded from images/s)")
     p.add_argument("--repeats", type=int, default=9, help="timed repetitions (interleaved) of each inference measurement")
-    p.add_argument("--metric-images", type=int, default=117)
+    p.add_argument("--metric-images", type=int, default=144)  # an embedded v2 test set
     p.add_argument("--refusion-points", type=int, default=100)
     p.add_argument("--refusion-images", type=int, default=100)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every method (repeatable)")
@@ -335,7 +333,6 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(res))
         return
 
-    import torch
 
     report: dict[str, Any] = {
         "machine": {

@@ -1,12 +1,12 @@
 """Label-free choices of the clustering method, made on data that are not the test sets.
 
-``python -m texad.methods.clustering.study k`` — which criterion estimates the number of clusters
+``python -m texad.tools.clustering_study k`` — which criterion estimates the number of clusters
 (``number.py``): Gaussian mixtures of 40 points (the size of our clustered sets) with 2…8
 clusters, balanced or unbalanced sizes, isotropic or anisotropic spread, in 16 or 128 dimensions,
 at a clear separation (centre spread 4× the within-cluster spread) and a harder one (1.5×).
 Prints, per criterion and regime, how often the true k is found and the mean |k̂ − k|.
 
-``python -m texad.methods.clustering.study descriptors --texture brick`` — descriptor options on a
+``python -m texad.tools.clustering_study descriptors --texture brick`` — descriptor options on a
 *validation* set that shares nothing with the test set: the normal *training* images of the
 embedded set, each with one defect from five generators that are **not** the test set's families
 (``VALIDATION_TYPES``: a flat disc, a stripe patch, a blurred patch, a noise patch, a colour tint),
@@ -27,9 +27,7 @@ import numpy as np
 import torch
 
 from texad.methods.clustering.number import K_CRITERIA, estimate_k
-
-VALIDATION_TYPES = ("disc", "stripes", "blur", "noise", "tint")
-
+from texad.tools.clustering_descriptors import study_descriptors
 
 # --- k criteria on synthetic mixtures ----------------------------------------------------------
 def gaussian_mixture(rng: np.random.Generator, n: int, k: int, dim: int, separation: float,
@@ -75,76 +73,6 @@ def study_k(reps: int = 20, seed: int = 0) -> dict:
 
 
 # --- validation defects from other generators ----------------------------------------------------
-def plant_validation_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A copy of a uint8 (H, W, 3) image with one defect of a validation type, and its bool mask.
-
-    Shapes are ellipses (disc, tint, blur, noise) or a rotated rectangle (stripes) of 1–4 % of the
-    image, away from the border; deliberately simple and unlike the test families.
-    """
-    import cv2
-
-    h, w = image.shape[:2]
-    side = min(h, w)
-    img = image.astype(np.float32)
-    std = max(float(img.std()), 8.0)
-    area = rng.uniform(0.01, 0.04) * h * w
-    aspect = rng.uniform(1.0, 2.0)
-    ry, rx = np.sqrt(area / np.pi * aspect), np.sqrt(area / np.pi / aspect)
-    margin = int(0.1 * side + max(ry, rx))
-    cy, cx = rng.uniform(margin, h - margin), rng.uniform(margin, w - margin)
-    angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    if kind == "stripes":
-        mask = (np.abs(u) <= rx * 1.2) & (np.abs(v) <= ry * 0.9)
-        period = rng.uniform(3, 6) * side / 256
-        pattern = np.sin(2 * np.pi * u / period)[..., None] * 1.5 * std
-        target = img.mean((0, 1)) + pattern
-    else:
-        mask = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
-        if kind == "disc":
-            colour = img.mean((0, 1)) + rng.choice([-1, 1]) * rng.uniform(1.5, 2.5) * std
-            target = np.broadcast_to(colour, img.shape)
-        elif kind == "blur":
-            target = cv2.GaussianBlur(img, (0, 0), sigmaX=side / 40)
-        elif kind == "noise":
-            target = img + rng.normal(0, 1.5 * std, img.shape[:2])[..., None]
-        elif kind == "tint":
-            target = img.copy()
-            channel = rng.integers(0, 3)
-            target[..., channel] += 1.5 * std
-            target[..., (channel + 1) % 3] -= 0.5 * std
-        else:
-            raise ValueError(kind)
-    out = np.where(mask[..., None], target, img)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8), mask
-
-
-def validation_set(texture: str, per_type: int, image_size: int, seed: int = 0):
-    """Images (N,3,H,W normalised as the backbone expects), masks and types, from the normal
-    *training* images of the embedded set (never its test images)."""
-    import os
-
-    from texad.data.embedded import ensure_texture_set
-    from texad.data.images import read_rgb, resize_rgb
-
-    cache = Path(os.environ.get("TEXAD_CACHE", Path.home() / ".cache/texad")) / "textures/s256_n40-12-8_seed0"
-    root = ensure_texture_set(texture, cache, 256, 40, 12, 8, None, 0)
-    train = sorted((root / "train" / "good").glob("*.png"))
-    rng = np.random.default_rng(seed)
-    images, masks, types = [], [], []
-    order = rng.permutation(len(train))
-    for t, kind in enumerate(VALIDATION_TYPES):
-        for j in range(per_type):
-            base = resize_rgb(read_rgb(train[order[(t * per_type + j) % len(train)]]), (image_size, image_size))
-            image, mask = plant_validation_defect(base, kind, rng)
-            images.append(image)
-            masks.append(mask)
-            types.append(kind)
-    return images, masks, types
-
-
 def results_table(run_dirs: list[str]) -> str:
     """Markdown table of clustering runs: maps source × raw/head × NMI/ARI/F1 at the true and the estimated k."""
     lines = ["| set | maps | P-AUROC | desc. | true k | NMI | ARI | F1 | est. k | NMI | ARI | F1 |",
@@ -180,8 +108,6 @@ def main() -> None:
     if args.what == "k":
         result = study_k(args.reps)
     else:
-        from texad.methods.clustering.validation_study import study_descriptors
-
         result = study_descriptors(args.texture, args.per_type, only=args.only, sources=args.maps)
     print(f"done in {time.time() - start:.0f} s")
     if args.out:

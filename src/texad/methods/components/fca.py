@@ -6,7 +6,7 @@ Wasserstein distance). Shares are averaged over channels, blurred inside the pat
 Gaussian centred on the patch, and summed over all patches that contain a pixel.
 
 Follows the official code (TArdelean/AnomalyLocalizationFCA, ``sc_methods.ScFCA``); see
-``shared/reference/fca-blind.md``. Deliberate differences, none of which changes a score:
+``texad/methods/fca/README.md``. Deliberate differences, none of which changes a score:
 
 * **Ranks by counting instead of sorting.** The official code sorts every (patch, channel) and
   inverts the permutation. A pixel's rank in a patch is the number of patch elements below it, and
@@ -39,26 +39,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from texad.errors import TexadError
+from texad.methods.components.feature_maps import scale_features_minmax
+from texad.methods.components.gaussian import gaussian_taps
 
-__all__ = ["BORDERS", "FCA", "scale_features_minmax", "gaussian_kernel_1d", "patch_reference", "window_starts"]
+__all__ = ["BORDERS", "FCA", "check_fca_keys", "check_map_fits", "patch_reference", "window_starts"]
 
 #: how patches near the map border are formed: in-image windows + weighted mean | reflect pad + sum
 BORDERS = ("valid", "official")
 
 
-def scale_features_minmax(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Min–max scale each channel of each image to [0, 1], as the official code does before FCA."""
-    flat = features.flatten(start_dim=2)
-    low = flat.min(dim=-1).values[..., None, None]
-    high = flat.max(dim=-1).values[..., None, None]
-    return (features - low) / (high - low + eps)
+def check_fca_keys(patch_size: int, stride: int, prefix: str = "method.", border: str = "valid") -> None:
+    """Config errors named by their key, before FCA's own (key-less) checks."""
+    if border not in BORDERS:
+        raise TexadError(f"{prefix}border must be one of {list(BORDERS)}, got {border!r}")
+    if int(patch_size) < 1 or int(patch_size) % 2 == 0:
+        raise TexadError(f"{prefix}patch_size must be a positive odd integer, got {patch_size}")
+    if int(stride) <= 0:
+        raise TexadError(f"{prefix}stride must be positive, got {stride}")
 
 
-def gaussian_kernel_1d(size: int, sigma: float, dtype=torch.float64) -> torch.Tensor:
-    """Sampled Gaussian over ``size`` taps centred on the middle one, normalised to sum 1."""
-    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
+def check_map_fits(patch_size: int, h: int, w: int, how: str, key: str = "method.patch_size") -> None:
+    if patch_size > min(h, w):
+        raise TexadError(f"{key}={patch_size} is larger than the feature map {h}x{w} ({how}); "
+                         f"use a smaller patch or a larger method.feature_input_size")
 
 
 def patch_reference(features: torch.Tensor, patch_size: int, kind: str = "median",
@@ -114,7 +117,7 @@ def _patch_blur_matrix(patch_size: int, blur_kernel: int | None, sigma_s: float 
     n = patch_size * patch_size
     if not blur_kernel or blur_kernel <= 1 or sigma_s is None:
         return torch.eye(n, dtype=torch.float64)
-    k1 = gaussian_kernel_1d(blur_kernel, sigma_s)
+    k1 = gaussian_taps(blur_kernel, sigma_s)
     kernel = torch.outer(k1, k1)[None, None]
     basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, patch_size, patch_size)
     r = blur_kernel // 2
@@ -176,7 +179,7 @@ class FCA(nn.Module):
         self.normalize = normalize
         self.seed = seed
         self.border = border
-        g = gaussian_kernel_1d(patch_size, sigma_p)
+        g = gaussian_taps(patch_size, sigma_p)
         self.register_buffer("weight_1d", g, persistent=False)  # float64
         weight = torch.outer(g, g).reshape(-1)
         # Blur inside the patch, then weight by the Gaussian: one linear map per patch.

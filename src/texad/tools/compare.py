@@ -1,7 +1,7 @@
 """Compare the runs of a sweep without W&B: one table ranked by validation, seeds pooled, plots.
 
-    python -m texad.compare outputs/multirun/<date>/<time> [--sort val/pixel_aupr] [--ascending] [--out DIR]
-    python -m texad.compare --paired RUN_OR_FOLDER_A RUN_OR_FOLDER_B [--out DIR]
+    python -m texad.tools.compare outputs/multirun/<date>/<time> [--sort val/pixel_aupr] [--ascending] [--out DIR]
+    python -m texad.tools.compare --paired RUN_OR_FOLDER_A RUN_OR_FOLDER_B [--out DIR]
 
 Each run dir of the sweep holds `.hydra/overrides.yaml` (what this job was given), `.hydra/config.yaml`
 (its composed config: `optimized_metric`, `seed`) and, if it finished, `metrics.json`. Parameters whose
@@ -32,9 +32,7 @@ import argparse
 import csv
 import io
 import json
-import math
 import re
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +40,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from texad.errors import TexadError
+from texad.metrics.bootstrap import STATISTICS_FILE, TestStatistics, paired_differences
 from texad.outputs import METRIC_KEYS, atomic_write
+from texad.tools.stats import SEED_KEY, SeedPool, flatten_intervals, flatten_metrics
+from texad.viz import metric_vs_param_figure, save_figure
 
 DEFAULT_SORT = "val/pixel_aupr"  # train.yaml's optimized_metric
-SEED_KEY = "seed"
 CLUSTERING_KEYS = ("nmi", "ari", "cluster_f1")
 
 
@@ -86,31 +87,6 @@ def typed(value: str) -> Any:
     return parsed
 
 
-def flatten_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """Numeric entries of metrics.json (the seed aside); validation ones as 'val/<name>'."""
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if key == SEED_KEY:  # which run, not a measurement
-            continue
-        if key == "val" and isinstance(value, dict):
-            out.update({f"val/{k}": float(v) for k, v in value.items() if _is_number(v)})
-        elif _is_number(value):
-            out[key] = float(value)
-    return out
-
-
-def flat_intervals(record: dict[str, Any]) -> dict[str, list[float]]:
-    """metrics.json's `ci95` (texad.metrics.bootstrap) as {metric: [low, high]}; per-type AUROC as
-    `image_auroc_per_type/<type>`."""
-    out: dict[str, list[float]] = {}
-    for key, value in (record.get("ci95") or {}).items():
-        if isinstance(value, dict):
-            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, list)})
-        elif isinstance(value, list):
-            out[key] = value
-    return out
-
-
 def is_test_metric(key: str) -> bool:
     """A metric measured on the test set (top-level pixel_*/image_*/clustering keys of metrics.json)."""
     if key.startswith("val/"):
@@ -125,10 +101,6 @@ def test_sort_warning(key: str) -> str:
         f"on the test set); rank by validation, e.g. --sort val/{key.removeprefix('raw_')} "
         f"(the default is the runs' optimized_metric)"
     )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _natural_key(text: str) -> list:
@@ -160,7 +132,7 @@ def find_runs(sweep_dir: str | Path) -> list[RunRecord]:
         records.append(
             RunRecord(
                 str(run_dir.relative_to(root)) if run_dir != root else ".", overrides, flatten_metrics(record),
-                str(optimized) if optimized else None, seed, flat_intervals(record), run_dir,
+                str(optimized) if optimized else None, seed, flatten_intervals(record), run_dir,
             )
         )
     return records
@@ -205,12 +177,11 @@ def sort_runs(runs: Sequence[RunRecord], metric: str, ascending: bool = False) -
 
 
 @dataclass
-class SeedGroup:
+class SeedGroup(SeedPool):
     """Runs that differ only in `seed`: one setting, several seeds."""
 
     params: dict[str, str]  # the swept values of this setting (seed excluded)
     runs: list[RunRecord]
-    _intervals: dict[str, list[float]] | None = field(default=None, repr=False)
 
     @property
     def seeds(self) -> list[Any]:
@@ -223,23 +194,12 @@ class SeedGroup:
     def values(self, metric: str) -> list[float]:
         return [r.metrics[metric] for r in self.runs if metric in r.metrics]
 
-    def mean(self, metric: str) -> float | None:
-        values = self.values(metric)
-        return statistics.fmean(values) if values else None
-
-    def std(self, metric: str) -> float | None:
-        """Sample standard deviation (ddof 1) over the seeds; None with fewer than two values."""
-        values = self.values(metric)
-        return statistics.stdev(values) if len(values) > 1 else None
+    def run_dirs(self) -> list[Path]:
+        return [r.path for r in self.runs if r.metrics and r.path]
 
     def interval(self, metric: str) -> list[float] | None:
-        """95 % bootstrap interval of the seed mean (every seed resampled alike), from the runs'
-        test_statistics.npz; a single run's own interval; None where they are missing."""
-        if len(self.runs) == 1:
-            return self.runs[0].intervals.get(metric)
-        if self._intervals is None:
-            self._intervals = group_interval_table([r.path for r in self.runs if r.metrics and r.path])
-        return self._intervals.get(metric)
+        """95 % bootstrap interval of the seed mean; a single run's own (metrics.json's `ci95`)."""
+        return self.runs[0].intervals.get(metric) if len(self.runs) == 1 else super().interval(metric)
 
 
 def group_by_seed(runs: Sequence[RunRecord], params: Sequence[str]) -> list[SeedGroup]:
@@ -345,45 +305,15 @@ def summarize(sweep_dir: str | Path, sort: str | None = None, ascending: bool = 
 
 def statistics_runs(folder: str | Path) -> list[Path]:
     """Run dirs with test statistics: `folder` itself, or every run below it (e.g. a method's seeds)."""
-    from texad.metrics.bootstrap import STATISTICS_FILE
-
     root = Path(folder)
     if (root / STATISTICS_FILE).is_file():
         return [root]
     return sorted((p.parent for p in root.rglob(STATISTICS_FILE)), key=lambda p: _natural_key(str(p)))
 
 
-def _flat(table: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update({f"{key}/{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
-def group_interval_table(run_dirs: Sequence[Path]) -> dict[str, list[float]]:
-    """95 % intervals of the mean over `run_dirs` (same test set, resampled alike); {} if a run lacks
-    test_statistics.npz or the runs' test sets differ."""
-    from texad.errors import TexadError
-    from texad.metrics.bootstrap import STATISTICS_FILE, TestStatistics, group_intervals
-
-    files = [Path(d) / STATISTICS_FILE for d in run_dirs]
-    if not files or not all(f.is_file() for f in files):
-        return {}
-    try:
-        return {k: v for k, v in _flat(group_intervals([TestStatistics.load(f) for f in files])).items() if v}
-    except TexadError:
-        return {}
-
-
 def paired_table(a: str | Path, b: str | Path) -> tuple[list[dict[str, Any]], list[Path], list[Path]]:
     """Per metric, A − B (seed means) with its paired 95 % bootstrap interval; A and B are run dirs or
     folders of runs (seeds) on the same test images."""
-    from texad.errors import TexadError
-    from texad.metrics.bootstrap import STATISTICS_FILE, TestStatistics, paired_differences
-
     runs_a, runs_b = statistics_runs(a), statistics_runs(b)
     for name, runs in (("A", runs_a), ("B", runs_b)):
         if not runs:
@@ -505,8 +435,6 @@ def _safe(name: str) -> str:
 
 def write_plots(summary: Summary, out_dir: str | Path, metrics: Sequence[str] | None = None) -> list[Path]:
     """One PNG per (metric, swept parameter): plots/<metric>__<param>.png (seeds are pooled, not an axis)."""
-    from texad.viz import metric_vs_param_figure, save_figure
-
     wanted = list(metrics) if metrics else [m for m in (summary.sort, *METRIC_KEYS) if m in summary.metrics]
     wanted = list(dict.fromkeys(wanted))
     params = summary.group_params if summary.has_seed_groups else summary.params
@@ -522,7 +450,7 @@ def write_plots(summary: Summary, out_dir: str | Path, metrics: Sequence[str] | 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m texad.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m texad.tools.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", help="a multirun dir, e.g. outputs/multirun/<date>/<time>")
     parser.add_argument("--paired", nargs=2, metavar=("A", "B"), default=None,
                         help="paired comparison of two runs, or two folders of runs (seeds), on the same test set: "
@@ -562,8 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _paired_main(a: str, b: str, out: str | None) -> int:
-    from texad.errors import TexadError
-
     try:
         rows, runs_a, runs_b = paired_table(a, b)
     except TexadError as err:

@@ -14,14 +14,14 @@ Layout: `<root>/heads/<key>.pt` (head state dict) and `<root>/maps/<key>-<split>
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from omegaconf import OmegaConf
 
-from texad.outputs import atomic_write
+from texad.outputs import atomic_write, digest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _DATASET_IGNORED = ("eval_batch_size", "num_workers", "_convert_")
 _BACKBONE_IGNORED = ("geometry_cache",)
 #: method keys that decide one trained view (α, blur and the other views' settings do not)
 _TRAINING_KEYS = (
-    "_target_", "epochs", "k", "j", "r0", "loss_alpha", "nu", "gamma_c", "gamma_d", "lr", "weight_decay",
+    "_target_", "epochs", "k", "j", "r0", "loss_margin", "nu", "gamma_c", "gamma_d", "lr", "weight_decay",
     "amsgrad", "pool", "score", "input_padding", "input_padding_mode", "calibration",
 )
 #: trainer keys that change the optimisation
@@ -44,12 +44,6 @@ _TRAINER_KEYS = (
 )
 
 
-def digest(description: Any) -> str:
-    """sha256 of a JSON description (sorted keys), the cache key."""
-    text = json.dumps(description, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def run_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What of the run decides a trained view besides the view itself (a plain dict of resolved values).
 
@@ -57,8 +51,6 @@ def run_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
     method never reads the config: data set, backbone, the method's training keys, trainer keys that
     change the optimisation, seed and the epoch selection (the kept head is the selected epoch's).
     """
-    from omegaconf import OmegaConf
-
     plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     method, dataset = plain["method"], plain["dataset"]
     trainer = plain.get("trainer") or {}

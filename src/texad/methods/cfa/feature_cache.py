@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from texad.outputs import atomic_write
-from texad.view_cache import digest
+from texad.outputs import digest
 
 log = logging.getLogger(__name__)
 
