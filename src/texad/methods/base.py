@@ -112,7 +112,6 @@ class AnomalyModule(L.LightningModule):
     def _compute(self, stage: str) -> None:
         res: dict[str, Any] = {}
         chosen = self.results.get("val", {}) if stage == "test" else {}
-        computed = {}
         for kind in ("pixel", "image"):
             metric = self.metrics[f"{stage}_{kind}"]
             values = metric.compute() if metric.update_count > 0 else {}
@@ -122,7 +121,6 @@ class AnomalyModule(L.LightningModule):
                 values[f"{kind}_f1_at_val"] = metric.f1_at(threshold)
             if kind == "pixel":  # per-image values (pixel_aupimo) in update order, for scores.csv
                 self.per_image_results[stage] = dict(getattr(metric, "per_image", {}) or {})
-            computed[kind] = values
             for key in (
                 ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "pixel_f1_threshold", "pixel_f1_at_val",
                  "pixel_aupimo")
