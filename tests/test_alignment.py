@@ -112,6 +112,7 @@ def test_dots_land_on_their_pixel_in_every_layer_of_random_resnets(name):
     check_dots_land(random_backbone(name))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_the_legacy_alignment_draws_the_deep_layers_far_down_right():
     # what texad <= 0.1 did: stride-16 cells assumed 7.5 px right of where the geometry puts them, and

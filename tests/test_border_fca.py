@@ -83,6 +83,7 @@ def _blind_ring(tmp_path: Path, **overrides) -> float:
         return ring_ratio(method.predict_maps(batch)["anomaly_map"])
 
 
+@pytest.mark.slow
 def test_blind_vae_official_option_clears_the_border_and_the_default_does_not(tmp_path):
     official = _blind_ring(tmp_path, input_padding=0, border="official", zero_border=5, calibration="none")
     default = _blind_ring(tmp_path)
@@ -98,5 +99,6 @@ def test_blind_vae_official_option_clears_the_border_and_the_default_does_not(tm
     assert unpadded_calibrated < 0.6 * unpadded  # ... and the calibration removes a border excess too
 
 
+@pytest.mark.slow
 def test_blind_vae_default_ring_is_within_bounds(tmp_path):
     assert BOUNDS[0] <= _blind_ring(tmp_path) <= BOUNDS[1]

@@ -23,6 +23,7 @@ def two_runs(tmp_path_factory) -> list[Path]:
     return [out / "0", out / "1"]
 
 
+@pytest.mark.slow
 def test_notebook_executes(two_runs, monkeypatch):
     monkeypatch.setenv("TEXAD_RUN_DIRS", os.pathsep.join(map(str, two_runs)))
     nb = nbformat.read(NOTEBOOK, as_version=4)

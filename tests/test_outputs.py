@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_maps_complete_float16_and_named_like_inputs(run_dir):
     rows = list(csv.DictReader((run_dir / "scores.csv").open()))
     maps = sorted(run_dir.glob("maps/*/*.npz"))
@@ -43,6 +44,7 @@ def test_maps_complete_float16_and_named_like_inputs(run_dir):
     assert {r["label"] for r in rows} == {"0", "1"}
 
 
+@pytest.mark.slow
 def test_overlays_capped_per_type(run_dir):
     types = {p.name for p in (run_dir / "maps").iterdir()}
     overlays = sorted(run_dir.glob("overlays/*/*.png"))
@@ -52,11 +54,13 @@ def test_overlays_capped_per_type(run_dir):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)
 
 
+@pytest.mark.slow
 def test_curves_written(run_dir):
     for name in ("pr.png", "pro.png"):
         assert (run_dir / "curves" / name).stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_metrics_json_still_written(run_dir):
     record = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= record["pixel_aupr"] <= 1.0

@@ -24,6 +24,7 @@ def sweep_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_summary_csv_has_one_row_per_run_ranked_by_validation(sweep_dir):
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert len(rows) == 4
@@ -37,6 +38,7 @@ def test_summary_csv_has_one_row_per_run_ranked_by_validation(sweep_dir):
     assert {r["run"] for r in rows} == {"0", "1", "2", "3"}
 
 
+@pytest.mark.slow
 def test_summary_pools_the_seeds_of_each_setting(sweep_dir):
     runs = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     rows = list(csv.DictReader((sweep_dir / "summary_seeds.csv").open()))

@@ -83,6 +83,7 @@ def sweep_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_offline_run_holds_metrics_config_and_images(sweep_dir):
     run = read_offline_run(sweep_dir / "0")
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
@@ -97,6 +98,7 @@ def test_offline_run_holds_metrics_config_and_images(sweep_dir):
     assert run["run"].project == "texad" and "texad" in run["run"].tags
 
 
+@pytest.mark.slow
 def test_multirun_jobs_are_separate_runs_in_one_group(sweep_dir):
     a, b = read_offline_run(sweep_dir / "0"), read_offline_run(sweep_dir / "1")
     assert a["run"].run_id != b["run"].run_id  # wandb.finish() between jobs
