@@ -143,6 +143,10 @@ def test_mean_and_std_over_seeds_and_rows_in_table_order(tmp_path):
     first = records[("cfa", "textures/brick")]
     mean, std = np.mean([r["pixel_aupr"] for r in first]), np.std([r["pixel_aupr"] for r in first], ddof=1)
     assert f"{mean:.3f} ± {std:.3f}" in md
+    compact = (tmp_path / "compact.md").read_text().splitlines()  # the README's table: five metrics, narrow
+    assert compact[0] == "| set | method | n | P-AUROC | AUPRO | P-AP | P-F1 | I-AUROC |" and len(compact) == 2 + 4
+    assert max(len(line) for line in compact) <= 120
+    assert f"| brick | cfa | 3 | {np.mean([r['pixel_auroc'] for r in first]):.3f} ± " in compact[2]
 
 
 def test_collect_tabulates_finished_runs_and_runs_nothing(tmp_path):

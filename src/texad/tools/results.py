@@ -20,7 +20,7 @@ error rather than silently mixed in. `--override KEY=VALUE` goes to every train.
 
 Writes, atomically, into the output dir: `results.md` (also printed), `results.csv` (one row per
 method and set: mean and sample standard deviation, ddof 1, over the seeds of every metric; n seeds;
-wall time per run), `runs.csv` (one row per run) and `plan.json` (what was asked). Wall time per run
+wall time per run), `compact.md` (the README's table: five test metrics, mean ± std), `runs.csv` (one row per run) and `plan.json` (what was asked). Wall time per run
 is the `wall_time_s` the job recorded in metrics.json (train.py's plus the evaluate.py step's), i.e.
 without interpreter start-up.
 
@@ -474,6 +474,28 @@ def _markdown_table(plan: Plan, rows: Sequence[Row], columns: Sequence[str], wit
     return lines
 
 
+COMPACT_COLUMNS = {"pixel_auroc": "P-AUROC", "pixel_aupro": "AUPRO", "pixel_aupr": "P-AP", "pixel_f1": "P-F1",
+                   "image_auroc": "I-AUROC"}
+
+
+def to_compact_markdown(rows: Sequence[Row]) -> str:
+    """The main table at a glance (the README's): set, method, five test metrics as mean ± std over the
+    seeds, **bold** the highest mean per set (≈ and the intervals: results.md)."""
+    lines = ["| set | method | n | " + " | ".join(COMPACT_COLUMNS.values()) + " |", "|---|---|---:|" + "---:|" * len(COMPACT_COLUMNS)]
+    main = [r for r in rows if r.table == "main"]
+    for set_name in dict.fromkeys(r.set for r in main):
+        mine = [r for r in main if r.set == set_name]
+        best = {key: close_to_best(mine, key)[0] for key in COMPACT_COLUMNS}
+        for row in mine:
+            cells = []
+            for key in COMPACT_COLUMNS:
+                mean, std = row.mean(key), row.std(key)
+                text = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+                cells.append(f"**{text}**" if best[key] is row else text)
+            lines.append(f"| {set_name.split('/')[-1]} | {row.method} | {len(row.ok)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(plan: Plan, rows: Sequence[Row], results: Sequence[RunResult], command: str) -> str:
     lines = [
         "# texad results",
@@ -582,6 +604,8 @@ def write_outputs(plan: Plan, results: Sequence[RunResult], command: str) -> tup
     md_path = atomic_write(plan.out / "results.md", lambda tmp: tmp.write_text(md))
     csv_path = atomic_write(plan.out / "results.csv", lambda tmp: tmp.write_text(csv_text))
     atomic_write(plan.out / "runs.csv", lambda tmp: tmp.write_text(runs_text))
+    compact = to_compact_markdown(rows)
+    atomic_write(plan.out / "compact.md", lambda tmp: tmp.write_text(compact))
     return md_path, csv_path, md
 
 
