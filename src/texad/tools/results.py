@@ -480,18 +480,17 @@ COMPACT_COLUMNS = {"pixel_auroc": "P-AUROC", "pixel_aupro": "AUPRO", "pixel_aupr
 
 def to_compact_markdown(rows: Sequence[Row]) -> str:
     """The main table at a glance (the README's): set, method, five test metrics as mean ± std over the
-    seeds, **bold** the highest mean per set (≈ and the intervals: results.md)."""
+    seeds; unmarked, so it stays ~110 characters wide (best per set, ≈ and the intervals: results.md)."""
     lines = ["| set | method | n | " + " | ".join(COMPACT_COLUMNS.values()) + " |", "|---|---|---:|" + "---:|" * len(COMPACT_COLUMNS)]
     main = [r for r in rows if r.table == "main"]
     for set_name in dict.fromkeys(r.set for r in main):
         mine = [r for r in main if r.set == set_name]
-        best = {key: close_to_best(mine, key)[0] for key in COMPACT_COLUMNS}
         for row in mine:
             cells = []
             for key in COMPACT_COLUMNS:
                 mean, std = row.mean(key), row.std(key)
                 text = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
-                cells.append(f"**{text}**" if best[key] is row else text)
+                cells.append(text)
             lines.append(f"| {set_name.split('/')[-1]} | {row.method} | {len(row.ok)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
