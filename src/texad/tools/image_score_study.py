@@ -21,14 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from texad.errors import TexadError
 from texad.metrics import functional as mf
 from texad.metrics.bootstrap import TestStatistics, intervals
-from texad.methods.cfa.fusion import blur_views
+from texad.methods.cfa.fusion import VIEWS, blur_views, fuse_blurred
 from texad.methods.components.image_score import image_score
 from texad.outputs import write_json
 from texad.pipeline import build, checkpoint_file, load_checkpoint_config, run_evaluation
@@ -61,15 +60,14 @@ def fused_maps(run_dir: Path) -> tuple[dict[str, Any], tuple[str, float], float]
         datamodule, method = build(cfg)
         method.load_method_state(checkpoint["state_dict"])
         results = run_evaluation(cfg, datamodule, method, [])
-    alpha = dict(zip(("org", "small", "big"), (float(a) for a in method.hparams.alpha)))
+    alpha = dict(zip(VIEWS, (float(a) for a in method.hparams.alpha)))
     splits = {}
     for split in ("val", "test"):
         out = method.view_outputs.get(split)
         if out is None:
             raise TexadError(f"{run_dir}: no {split} maps (a validation split is needed to choose)")
         blurred = blur_views(out["maps"], float(method.hparams.blur_sigma))
-        fused = sum(alpha.get(v, 0.0) * x for v, x in blurred.items())
-        splits[split] = {"maps": torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32)),
+        splits[split] = {"maps": fuse_blurred(blurred, alpha),
                          "labels": out["labels"].numpy().astype(int), "paths": list(out.get("paths") or []),
                          "types": list(out.get("types") or [])}
     own = (str(method.hparams.image_score), float(method.hparams.image_score_fraction))
@@ -86,14 +84,12 @@ def study_run(run_dir: Path, rules: Sequence[tuple[str, float]]) -> dict[str, An
     per_rule = []
     for rule in rules:
         row: dict[str, Any] = {"rule": f"{rule[0]}:{rule[1]:g}" if rule[0] != "max" else "max"}
-        for split in ("val", "test"):
-            s = splits[split]
-            scores = image_score(s["maps"], *rule).numpy()
-            row[f"{split}_image_auroc"] = float(mf.roc_auc(scores, s["labels"]))
+        scores = {split: image_score(s["maps"], *rule).numpy() for split, s in splits.items()}
+        for split, s in splits.items():
+            row[f"{split}_image_auroc"] = float(mf.roc_auc(scores[split], s["labels"]))
         test = splits["test"]
         stats = TestStatistics(paths=test["paths"], labels=test["labels"],
-                               defect_types=test["types"] or ["unknown"] * len(test["paths"]),
-                               scores=image_score(test["maps"], *rule).numpy())
+                               defect_types=test["types"] or ["unknown"] * len(test["paths"]), scores=scores["test"])
         row["test_image_auroc_ci95"] = intervals(stats).get("image_auroc")
         per_rule.append(row)
     chosen = max(range(len(rules)), key=lambda i: (per_rule[i]["val_image_auroc"], -i))

@@ -20,8 +20,8 @@ error rather than silently mixed in. `--override KEY=VALUE` goes to every train.
 
 Writes, atomically, into the output dir: `results.md` (also printed), `results.csv` (one row per
 method and set: mean and sample standard deviation, ddof 1, over the seeds of every metric; n seeds;
-wall time per run), `compact.md` (the README's table: five test metrics, mean ± std), `runs.csv` (one row per run) and `plan.json` (what was asked). Wall time per run
-is the `wall_time_s` the job recorded in metrics.json (train.py's plus the evaluate.py step's), i.e.
+wall time per run), `compact.md` (the README's table: five test metrics, mean ± std), `runs.csv` (one
+row per run) and `plan.json` (what was asked). Wall time per run is the `wall_time_s` the job recorded in metrics.json (train.py's plus the evaluate.py step's), i.e.
 without interpreter start-up.
 
 Selection: every setting is a method default or chosen on validation inside its run (epoch selection,
@@ -478,19 +478,18 @@ COMPACT_COLUMNS = {"pixel_auroc": "P-AUROC", "pixel_aupro": "AUPRO", "pixel_aupr
                    "image_auroc": "I-AUROC"}
 
 
+def _compact_cell(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+
 def to_compact_markdown(rows: Sequence[Row]) -> str:
     """The main table at a glance (the README's): set, method, five test metrics as mean ± std over the
     seeds; unmarked, so it stays ~110 characters wide (best per set, ≈ and the intervals: results.md)."""
     lines = ["| set | method | n | " + " | ".join(COMPACT_COLUMNS.values()) + " |", "|---|---|---:|" + "---:|" * len(COMPACT_COLUMNS)]
     main = [r for r in rows if r.table == "main"]
     for set_name in dict.fromkeys(r.set for r in main):
-        mine = [r for r in main if r.set == set_name]
-        for row in mine:
-            cells = []
-            for key in COMPACT_COLUMNS:
-                mean, std = row.mean(key), row.std(key)
-                text = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
-                cells.append(text)
+        for row in (r for r in main if r.set == set_name):
+            cells = [_compact_cell(row.mean(key), row.std(key)) for key in COMPACT_COLUMNS]
             lines.append(f"| {set_name.split('/')[-1]} | {row.method} | {len(row.ok)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -49,6 +49,12 @@ def blur_views(maps: Mapping[str, torch.Tensor], sigma: float) -> dict[str, np.n
     return {v: gaussian_blur2d(m.float(), sigma).numpy() for v, m in maps.items()}
 
 
+def fuse_blurred(blurred: Mapping[str, np.ndarray], alpha: Mapping[str, float]) -> torch.Tensor:
+    """Σ_v α_v · blur(S_v): the fused map at α of pre-blurred views, as a float32 tensor."""
+    fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
+    return torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))
+
+
 class FusionObjective:
     """metric(α) on one split's blurred view maps, for α over the given views.
 
@@ -182,8 +188,8 @@ def fused_metrics(
     normal images' ring ratio included); the image score is the method's rule (`image_rule`:
     `texad.methods.components.image_score` rule and fraction). `thresholds` (`{"pixel": t, "image": t}`, validation's
     best-F1 thresholds) add `pixel_f1_at_val` / `image_f1_at_val`, as a test pass without re-fusion has."""
-    fused = sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items())
-    fused_t = torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))
+    fused_t = fuse_blurred(blurred, alpha)
+    fused = fused_t.numpy()
     thresholds = thresholds or {}
     out: dict[str, float | None] = {}
     if masks is not None:
@@ -246,8 +252,7 @@ def refuse(
 def fused_statistics(blurred: Mapping[str, np.ndarray], split: Mapping[str, Any], alpha: Mapping[str, float],
                      image_rule: tuple[str, float], thresholds: Mapping[str, float | None]) -> TestStatistics:
     """The bootstrap's per-image statistics (texad.metrics.bootstrap) of the fused maps at α."""
-    fused = torch.from_numpy(np.ascontiguousarray(sum(float(alpha.get(v, 0.0)) * x for v, x in blurred.items()),
-                                                  dtype=np.float32))
+    fused = fuse_blurred(blurred, alpha)
     masks = split["masks"]
     aupimo = None if masks is None else aupimo_per_image(fused.numpy(), masks.numpy())
     return collect_statistics(image_score(fused, *image_rule), split["labels"], split["paths"],
@@ -333,7 +338,7 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
 
 
 __all__ = [
-    "FusionObjective", "FusionResult", "blur_views", "fused_metrics", "grid_search", "refuse", "refuse_method",
+    "FusionObjective", "FusionResult", "blur_views", "fuse_blurred", "fused_metrics", "grid_search", "refuse", "refuse_method",
     "simplex_grid",
     "time_refusion",
 ]
