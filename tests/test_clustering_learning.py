@@ -14,13 +14,13 @@ import torch
 from conftest import compose_cfg
 from texad.data.embedded import ensure_texture_set
 from texad.methods.clustering import lightning_model
-from texad.tools.clustering_descriptors import plant_validation_defect
+from texad.data.type_families import plant_family
 from texad.pipeline import train
 
 torch.set_num_threads(1)
 
 SIDE = 256  # at 96-192 px even the ground-truth masks separate these types poorly (NMI 0.26-0.65)
-TYPES = ("disc", "stripes", "tint")
+TYPES = ("blob_grain", "line_thick", "contrast_down")  # one family of three different pairs
 PER_TYPE = 5
 
 
@@ -44,7 +44,7 @@ def planted_root(tmp_path_factory) -> Path:
     for t, kind in enumerate(TYPES):
         for j in range(PER_TYPE):
             base = normals[(t * PER_TYPE + j) % len(normals)]
-            image, mask = plant_validation_defect(base, kind, rng)
+            image, mask = plant_family(base, kind, rng)
             write(root / f"test/{kind}/{j:03d}.png", image)
             write(root / f"ground_truth/{kind}/{j:03d}_mask.png", mask.astype(np.uint8) * 255)
     return root
@@ -68,13 +68,15 @@ def test_the_method_separates_clearly_different_types_and_random_descriptors_do_
     # measured: NMI raw 1.000 / head 1.000 (FCA maps, 15 images of 3 types; k estimated 3)
     assert record["n_types"] == len(TYPES) and record["n_clustered"] == len(TYPES) * PER_TYPE
     assert record["raw_nmi"] > 0.6 and record["nmi"] > 0.6
+    # a folder without validation normals: the configured settings are used, and the record says so
+    assert record["selection"]["status"].startswith("off: dataset")
 
     generator = torch.Generator().manual_seed(0)
 
-    def random_descriptors(model, maps, *args, features, **kwargs):
+    def random_descriptors(model, features, maps, *args, **kwargs):
         return torch.randn(features.shape[0], 64, generator=generator, dtype=torch.float64)
 
-    monkeypatch.setattr(lightning_model, "image_descriptors", random_descriptors)
+    monkeypatch.setattr(lightning_model, "setting_descriptors", random_descriptors)
     chance = run(planted_root, tmp_path / "random")
     print(f"random descriptors: NMI raw {chance['raw_nmi']:.3f} head {chance['nmi']:.3f}")
     # measured: NMI raw 0.165 / head 0.112 with random descriptors (15 images, 3 clusters)

@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 # 64² gravel, 2 images per defect type: 10 anomalous test images of 5 types, 2 normal ones.
 CLUSTERING = [*TINY, "method=clustering", "eval_callbacks.test_outputs.max_overlays_per_type=0",
               "method.n_clusters=oracle", "method.fca.feature_input_size=128",
-              "method.blind_vae.feature_input_size=128", "method.cfa.epochs=1"]
+              "method.blind_vae.feature_input_size=128", "method.cfa.epochs=1", "method.selection.enabled=false"]
 N_ANOMALOUS, N_GOOD, N_TYPES = 10, 2, 5
 
 

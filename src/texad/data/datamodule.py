@@ -26,6 +26,7 @@ from texad.data.embedded import TEXTURES, ensure_elpv_set, ensure_texture_set
 from texad.data.images import as_hw, read_mask, read_rgb, resize_mask, resize_rgb, to_tensor
 from texad.data.layout import GOOD, Sample, SampleSplit, read_ksdd2, read_mtd, read_mvtec_layout
 from texad.data.synthetic import ALL_GENERATORS, plant_defect
+from texad.data.type_families import TYPE_FAMILIES, plant_family
 from texad.errors import TexadError
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class AnomalyDataset(Dataset):
 
             defect_type = self.synthetic[index]
             rng = np.random.default_rng([self.seed, index])
-            image, mask = plant_defect(image, defect_type, rng)
+            plant = plant_family if defect_type in TYPE_FAMILIES else plant_defect
+            image, mask = plant(image, defect_type, rng)
             label = 1
         elif mask is not None:
             mask = resize_mask(mask, self.image_size)
@@ -243,6 +245,27 @@ class AnomalyDataModule(L.LightningDataModule):
                     synthetic[len(samples)] = self.val_defects[(i * self.val_copies + c) % len(self.val_defects)]
                     samples.append(sample)
         return self._dataset(samples, with_masks=self.val_synthetic, synthetic=synthetic)
+
+    def typed_validation_dataset(self, families: Sequence[str] = TYPE_FAMILIES, per_family: int = 10) -> AnomalyDataset:
+        """Validation normals, each turned into defective copies of known type (`texad.data.type_families`).
+
+        For choosing a defect-type clustering: `per_family` images of every family, copy j of a family
+        drawn on validation normal j mod n, so every family sits on the same normals and a cluster cannot
+        follow the underlying crop. Deterministic in (dataset seed, index); no test image is touched.
+        """
+        self.setup()
+        unknown = [f for f in families if f not in TYPE_FAMILIES]
+        if unknown:
+            raise TexadError(f"unknown validation type families {unknown}; choose from {list(TYPE_FAMILIES)}")
+        if not self.val_samples:
+            raise TexadError(f"dataset {self.name!r} has no validation normals to draw typed validation defects on "
+                             "(val/good/ or a val_fraction > 0 of the training images)")
+        samples, synthetic = [], {}
+        for family in families:
+            for j in range(int(per_family)):
+                synthetic[len(samples)] = family
+                samples.append(self.val_samples[j % len(self.val_samples)])
+        return self._dataset(samples, with_masks=True, synthetic=synthetic)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset(), self.eval_batch_size)

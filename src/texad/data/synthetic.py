@@ -46,15 +46,17 @@ MAX_ATTEMPTS = 64
 
 
 def plant_defect(
-    image: np.ndarray, defect_type: str, rng: np.random.Generator
+    image: np.ndarray, defect_type: str, rng: np.random.Generator, painters: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A copy of `image` (uint8, (H,W) or (H,W,C)) with one defect, and its bool (H,W) mask.
 
     Shapes whose area falls outside the allowed fraction are redrawn, so the result depends only on
-    `rng`'s state: the same generator state gives the same defect.
+    `rng`'s state: the same generator state gives the same defect. `painters` (name → painter of a
+    `Surface` returning layers) replaces this module's generators (`texad.data.type_families`).
     """
-    if defect_type not in _PAINTERS:
-        raise TexadError(f"unknown defect type {defect_type!r}; choose one of {', '.join(ALL_GENERATORS)}")
+    painters = _PAINTERS if painters is None else painters
+    if defect_type not in painters:
+        raise TexadError(f"unknown defect type {defect_type!r}; choose one of {', '.join(painters)}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise TexadError(f"plant_defect needs a uint8 (H,W) or (H,W,C) image, got {image.dtype} {image.shape}")
@@ -64,10 +66,10 @@ def plant_defect(
     pixels = image.reshape(height, width, -1).astype(np.float32)
     mean = pixels.mean(axis=(0, 1))
     std = np.maximum(pixels.std(axis=(0, 1)), MIN_CONTRAST)
-    surface = _Surface(pixels, mean, std, rng)
+    surface = Surface(pixels, mean, std, rng)
     for _ in range(MAX_ATTEMPTS):
-        layers = _PAINTERS[defect_type](surface)
-        out, mask = _composite(pixels, layers)
+        layers = painters[defect_type](surface)
+        out, mask = composite(pixels, layers)
         fraction = mask.mean()
         if MIN_AREA_FRACTION <= fraction <= MAX_AREA_FRACTION and (out != image.reshape(out.shape)).any():
             return out.reshape(image.shape), mask
@@ -77,7 +79,7 @@ def plant_defect(
     )
 
 
-class _Surface:
+class Surface:
     """The image being defected, its statistics and the shared random generator."""
 
     def __init__(self, pixels: np.ndarray, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator):
@@ -91,7 +93,7 @@ class _Surface:
 Layer = tuple[np.ndarray, np.ndarray]  # (alpha (H,W), target (H,W,C)); painted in order
 
 
-def _composite(pixels: np.ndarray, layers: list[Layer]) -> tuple[np.ndarray, np.ndarray]:
+def composite(pixels: np.ndarray, layers: list[Layer]) -> tuple[np.ndarray, np.ndarray]:
     out = pixels.copy()
     mask = np.zeros(pixels.shape[:2], bool)
     for alpha, target in layers:
@@ -103,7 +105,7 @@ def _composite(pixels: np.ndarray, layers: list[Layer]) -> tuple[np.ndarray, np.
     return np.where(mask[..., None], out, original), mask
 
 
-def _centre_for(surface: _Surface, half_h: float, half_w: float) -> tuple[float, float]:
+def centre_for(surface: Surface, half_h: float, half_w: float) -> tuple[float, float]:
     """A random centre keeping a shape of the given half extents inside the border margin."""
     lo_y, hi_y = surface.margin + half_h, surface.height - 1 - surface.margin - half_h
     lo_x, hi_x = surface.margin + half_w, surface.width - 1 - surface.margin - half_w
@@ -112,8 +114,8 @@ def _centre_for(surface: _Surface, half_h: float, half_w: float) -> tuple[float,
     return cy, cx
 
 
-def _blob_distance(
-    surface: _Surface, radius_y: float, radius_x: float, wobble: float, harmonics: int, extent: float = 1.05
+def blob_distance(
+    surface: Surface, radius_y: float, radius_x: float, wobble: float, harmonics: int, extent: float = 1.05
 ):
     """Normalised distance (1 on the outline) of an irregular rotated ellipse placed inside the margin.
 
@@ -125,7 +127,7 @@ def _blob_distance(
     amplitudes = [rng.uniform(0, wobble / np.sqrt(k - 1)) for k in range(2, 2 + harmonics)]
     phases = [rng.uniform(0, 2 * np.pi) for _ in amplitudes]
     reach = max(radius_y, radius_x) * (1 + sum(amplitudes)) * extent
-    cy, cx = _centre_for(surface, reach, reach)
+    cy, cx = centre_for(surface, reach, reach)
     angle = rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0 : surface.height, 0 : surface.width].astype(np.float32)
     dy, dx = yy - cy, xx - cx
@@ -139,13 +141,13 @@ def _blob_distance(
     return distance, float(np.sqrt(radius_y * radius_x))
 
 
-def _ellipse_radii(surface: _Surface, area_fraction: float, max_aspect: float) -> tuple[float, float]:
+def ellipse_radii(surface: Surface, area_fraction: float, max_aspect: float) -> tuple[float, float]:
     aspect = surface.rng.uniform(1.0, max_aspect)
     mean_radius = np.sqrt(area_fraction * surface.area / np.pi)
     return mean_radius * np.sqrt(aspect), mean_radius / np.sqrt(aspect)
 
 
-def _draw_polylines(surface: _Surface, strokes: list[tuple[np.ndarray, float, float]]) -> np.ndarray:
+def draw_polylines(surface: Surface, strokes: list[tuple[np.ndarray, float, float]]) -> np.ndarray:
     """Anti-aliased opacity of polylines given as (points (N,2) xy, width px, opacity)."""
     k = SUPERSAMPLE
     alpha = np.zeros((surface.height, surface.width), np.float32)
@@ -158,15 +160,15 @@ def _draw_polylines(surface: _Surface, strokes: list[tuple[np.ndarray, float, fl
     return alpha
 
 
-def _fit_inside(surface: _Surface, points: np.ndarray) -> np.ndarray:
+def fit_inside(surface: Surface, points: np.ndarray) -> np.ndarray:
     """Shift a path (xy, around the origin) to a random spot with its box inside the margin."""
     lo, hi = points.min(axis=0), points.max(axis=0)
     half = (hi - lo) / 2
-    cy, cx = _centre_for(surface, float(half[1]) + 2, float(half[0]) + 2)
+    cy, cx = centre_for(surface, float(half[1]) + 2, float(half[0]) + 2)
     return points - (lo + hi) / 2 + np.array([cx, cy])
 
 
-def _paint_scratch(surface: _Surface) -> list[Layer]:
+def _paint_scratch(surface: Surface) -> list[Layer]:
     rng, side = surface.rng, surface.side
     length = side * rng.uniform(0.2, 0.55)
     width = max(1.0, side / 256 * rng.uniform(1.5, 2.5))
@@ -177,20 +179,20 @@ def _paint_scratch(surface: _Surface) -> list[Layer]:
     end = length * np.array([np.cos(theta), np.sin(theta)])
     control = (start + end) / 2 + bend * np.array([-np.sin(theta), np.cos(theta)])
     curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end  # quadratic Bezier
-    curve = _fit_inside(surface, curve)
+    curve = fit_inside(surface, curve)
     # Taper: the middle 70 % at full width, the ends thinner and fainter.
     strokes = [
         (curve[12:84], width, 1.0),
         (curve[4:92], max(1.0, width * 0.6), 0.7),
         (curve, 1.0, 0.45),
     ]
-    alpha = _draw_polylines(surface, strokes) * rng.uniform(0.75, 1.0)
+    alpha = draw_polylines(surface, strokes) * rng.uniform(0.75, 1.0)
     sign = 1.0 if rng.random() < 0.6 else -1.0
     target = surface.pixels + sign * rng.uniform(1.3, 2.2) * surface.std
     return [(alpha, target)]
 
 
-def _paint_crack(surface: _Surface) -> list[Layer]:
+def _paint_crack(surface: Surface) -> list[Layer]:
     rng, side = surface.rng, surface.side
     step = max(1.0, side / 96)
 
@@ -208,18 +210,18 @@ def _paint_crack(surface: _Surface) -> list[Layer]:
         at = trunk[rng.integers(len(trunk) // 4, 3 * len(trunk) // 4)]
         turn = rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
         branches.append(walk(at, heading + turn, side * rng.uniform(0.07, 0.16)))
-    offset = _fit_inside(surface, np.vstack([trunk, *branches]))[0] - trunk[0]
+    offset = fit_inside(surface, np.vstack([trunk, *branches]))[0] - trunk[0]
     width = max(1.0, side / 256 * rng.uniform(1.2, 2.0))
     strokes = [(trunk + offset, width, 1.0)] + [(b + offset, max(1.0, width * 0.6), 0.85) for b in branches]
-    alpha = _draw_polylines(surface, strokes)
+    alpha = draw_polylines(surface, strokes)
     target = surface.pixels * rng.uniform(0.2, 0.4)
     return [(alpha, target)]
 
 
-def _paint_stain(surface: _Surface) -> list[Layer]:
+def _paint_stain(surface: Surface) -> list[Layer]:
     rng = surface.rng
-    ry, rx = _ellipse_radii(surface, rng.uniform(0.01, 0.03), max_aspect=2.2)
-    distance, _ = _blob_distance(surface, ry, rx, wobble=0.12, harmonics=3)
+    ry, rx = ellipse_radii(surface, rng.uniform(0.01, 0.03), max_aspect=2.2)
+    distance, _ = blob_distance(surface, ry, rx, wobble=0.12, harmonics=3)
     ramp = np.clip((1 - distance) / 0.55, 0, 1)  # soft edge over the outer half of the radius
     alpha = ramp * ramp * (3 - 2 * ramp) * rng.uniform(0.8, 1.0)
     gain = rng.uniform(0.3, 0.6)
@@ -228,13 +230,13 @@ def _paint_stain(surface: _Surface) -> list[Layer]:
     return [(alpha, target)]
 
 
-def _paint_hole(surface: _Surface) -> list[Layer]:
+def _paint_hole(surface: Surface) -> list[Layer]:
     rng = surface.rng
-    ry, rx = _ellipse_radii(surface, rng.uniform(0.003, 0.01), max_aspect=1.5)
+    ry, rx = ellipse_radii(surface, rng.uniform(0.003, 0.01), max_aspect=1.5)
     radius = float(np.sqrt(ry * rx))
     edge = 1.0 / max(radius, 1.0)  # one-pixel anti-aliased edge, in outline units
     rim_width = max(1.5 / max(radius, 1.0), 0.3)
-    distance, _ = _blob_distance(surface, ry, rx, wobble=0.15, harmonics=4, extent=1 + rim_width + 2 * edge)
+    distance, _ = blob_distance(surface, ry, rx, wobble=0.15, harmonics=4, extent=1 + rim_width + 2 * edge)
     inner = np.clip((1 - distance) / edge + 0.5, 0, 1)
     rim = np.clip(1 - np.abs(distance - 1 - rim_width / 2) / (rim_width / 2 + edge), 0, 1) * rng.uniform(0.6, 0.9)
     dark = surface.mean * rng.uniform(0.25, 0.45)
@@ -244,10 +246,10 @@ def _paint_hole(surface: _Surface) -> list[Layer]:
     return [(rim, rim_target), (inner, inner_target)]
 
 
-def _paint_foreign(surface: _Surface) -> list[Layer]:
+def _paint_foreign(surface: Surface) -> list[Layer]:
     rng = surface.rng
-    ry, rx = _ellipse_radii(surface, rng.uniform(0.012, 0.035), max_aspect=1.8)
-    distance, radius = _blob_distance(surface, ry, rx, wobble=0.3, harmonics=6)
+    ry, rx = ellipse_radii(surface, rng.uniform(0.012, 0.035), max_aspect=1.8)
+    distance, radius = blob_distance(surface, ry, rx, wobble=0.3, harmonics=6)
     alpha = np.clip((1 - distance) * radius / 1.5 + 0.5, 0, 1)
     # The patch's texture: a small region of the image magnified and turned by 90 degrees.
     zoom = rng.uniform(2.0, 3.0)
@@ -289,7 +291,7 @@ def perlin_noise(height: int, width: int, cells: int, rng: np.random.Generator) 
     return top + uy * (bottom - top)
 
 
-def _paint_perlin(surface: _Surface) -> list[Layer]:
+def _paint_perlin(surface: Surface) -> list[Layer]:
     rng, h, w, m = surface.rng, surface.height, surface.width, surface.margin
     noise = perlin_noise(h, w, int(rng.choice([2, 4, 8])), rng)
     inside = np.zeros((h, w), bool)
@@ -307,7 +309,7 @@ def _paint_perlin(surface: _Surface) -> list[Layer]:
     return [(alpha, target)]
 
 
-def _paint_cutpaste(surface: _Surface) -> list[Layer]:
+def _paint_cutpaste(surface: Surface) -> list[Layer]:
     rng, h, w = surface.rng, surface.height, surface.width
     area = rng.uniform(0.01, 0.04) * surface.area
     aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
@@ -323,7 +325,7 @@ def _paint_cutpaste(surface: _Surface) -> list[Layer]:
     gain = rng.uniform(0.7, 1.3)
     shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.6) * surface.std
     patch = (patch - p_mean) * gain + p_mean + shift
-    cy, cx = _centre_for(surface, ph / 2, pw / 2)
+    cy, cx = centre_for(surface, ph / 2, pw / 2)
     y0, x0 = int(round(cy - ph / 2)), int(round(cx - pw / 2))
     y0, x0 = int(np.clip(y0, 0, h - ph)), int(np.clip(x0, 0, w - pw))
     alpha = np.zeros((h, w), np.float32)

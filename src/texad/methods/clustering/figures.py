@@ -52,15 +52,23 @@ def write_cluster_outputs(out_dir: Path, paths: list[str], types: list[str], clu
                           descriptors: dict[str, torch.Tensor], scores: dict[str, dict[str, float]],
                           linkages: dict[str, np.ndarray], used_k: dict[str, int],
                           thumbnails: list[torch.Tensor], thumb_maps: list[torch.Tensor],
-                          per_cluster: int = 6) -> None:
-    """clusters.csv (one row per clustered image) and the three pictures."""
-    rows = [{"path": p, "defect_type": t, "cluster": int(c), "raw_cluster": int(r)}
-            for p, t, c, r in zip(paths, types, clusters["head"], clusters["raw"])]
-    write_csv(out_dir / "clusters.csv", rows, ["path", "defect_type", "cluster", "raw_cluster"])
+                          per_cluster: int = 6, k_how: dict[str, str] | None = None,
+                          extra_columns: dict[str, np.ndarray] | None = None) -> None:
+    """clusters.csv (one row per clustered image) and the three pictures.
+
+    ``scores`` per kind may be None (images without type labels: nothing to score); ``k_how`` per kind
+    says how the number of clusters was chosen, printed in the grid's and the dendrogram's titles;
+    ``extra_columns`` (name → one id per image) are added to clusters.csv (e.g. the cuts at the true k)."""
+    k_how, extra = k_how or {}, extra_columns or {}
+    rows = [{"path": p, "defect_type": t, "cluster": int(c), "raw_cluster": int(r),
+             **{name: int(ids[i]) for name, ids in extra.items()}}
+            for i, (p, t, c, r) in enumerate(zip(paths, types, clusters["head"], clusters["raw"]))]
+    write_csv(out_dir / "clusters.csv", rows, ["path", "defect_type", "cluster", "raw_cluster", *extra])
     plot_projection(out_dir / "clusters.png", types, clusters, descriptors, scores)
     plot_cluster_grid(out_dir / "cluster_grid.png", types, clusters["head"], thumbnails, thumb_maps, per_cluster,
-                      scores["head"])
-    plot_dendrogram(out_dir / "dendrogram.png", types, linkages["head"], used_k["head"], scores["head"])
+                      scores["head"], k_how.get("head"))
+    plot_dendrogram(out_dir / "dendrogram.png", types, linkages["head"], used_k["head"], scores["head"],
+                    k_how.get("head"))
 
 
 def _pca_2d(x: torch.Tensor) -> np.ndarray:
@@ -85,9 +93,11 @@ def plot_projection(path: Path, types: list[str], clusters: dict[str, np.ndarray
                 if sel.any():
                     ax.scatter(xy[sel, 0], xy[sel, 1], s=55, color=colours[name],
                                marker=markers[int(cluster) % len(markers)], edgecolors="black", linewidths=0.4)
-        s = scores[kind]
-        ax.set_title(f"{title}\n{len(np.unique(clusters[kind]))} clusters   NMI {s['nmi']:.2f}   "
-                     f"ARI {s['ari']:.2f}   F1 {s['cluster_f1']:.2f}", fontsize=11)
+        s = scores.get(kind)
+        line = f"{len(np.unique(clusters[kind]))} clusters"
+        if s:
+            line += f"   NMI {s['nmi']:.2f}   ARI {s['ari']:.2f}   F1 {s['cluster_f1']:.2f}"
+        ax.set_title(f"{title}\n{line}", fontsize=11)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.grid(alpha=0.3)
@@ -108,7 +118,7 @@ def clusters_by_size(clusters: np.ndarray) -> list[int]:
 
 def plot_cluster_grid(path: Path, types: list[str], clusters: np.ndarray, thumbnails: list[torch.Tensor],
                       thumb_maps: list[torch.Tensor], per_cluster: int = 6,
-                      scores: dict[str, float] | None = None) -> None:
+                      scores: dict[str, float] | None = None, k_how: str | None = None) -> None:
     """One row per cluster (largest first): up to ``per_cluster`` thumbnails with the map contour."""
     classes = sorted(set(types))
     colours = _type_colours(classes)
@@ -151,6 +161,8 @@ def plot_cluster_grid(path: Path, types: list[str], clusters: np.ndarray, thumbn
         axes[r, -1].text(1.04, 0.5, _wrap(summary, 22), transform=axes[r, -1].transAxes, fontsize=8, va="center")
     title = f"{len(order)} clusters found among {len(types)} images (largest first); red = anomaly-map contour, " \
             "frame colour and caption = true type"
+    if k_how:
+        title += f"\nk = {len(order)}: {k_how}"
     if scores:
         title += f"\nNMI {scores['nmi']:.2f}   ARI {scores['ari']:.2f}   F1 {scores['cluster_f1']:.2f}"
     fig.suptitle(title, fontsize=10)
@@ -174,7 +186,7 @@ def cut_height(linkage_matrix: np.ndarray, k: int) -> float:
 
 
 def plot_dendrogram(path: Path, types: list[str], linkage_matrix: np.ndarray, k: int,
-                    scores: dict[str, float] | None = None) -> None:
+                    scores: dict[str, float] | None = None, k_how: str | None = None) -> None:
     """Ward dendrogram, leaves coloured by true type, with the cut into k clusters."""
     classes = sorted(set(types))
     colours = _type_colours(classes)
@@ -188,6 +200,8 @@ def plot_dendrogram(path: Path, types: list[str], linkage_matrix: np.ndarray, k:
     ax.axhline(height, color="crimson", linestyle="--", linewidth=1.5, label=f"cut: {k} clusters")
     ax.set_ylabel("Ward merge distance")
     title = f"Ward dendrogram of the head's descriptors ({len(types)} images); leaf label = true type"
+    if k_how:
+        title += f"\ncut at k = {k}: {k_how}"
     if scores:
         title += f"\nNMI {scores['nmi']:.2f}   ARI {scores['ari']:.2f}   F1 {scores['cluster_f1']:.2f} at {k} clusters"
     ax.set_title(title, fontsize=10)

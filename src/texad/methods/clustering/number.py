@@ -14,7 +14,10 @@ which merges exactly as scikit-learn's ``AgglomerativeClustering(linkage="ward")
   self-tuning Gaussian affinity (Zelnik-Manor & Perona 2004: σ_i = distance of point i to its 7th
   nearest neighbour), a criterion from spectral clustering applied to the descriptors.
 
-All search k in [k_min, k_max] (k_max capped at n − 1). Which one is the default was decided on
+All search k in [k_min, k_max] (k_max capped at n − 1). A fourth rule needs a constant fitted on
+labelled data (``selection.choose_k_rule`` fits it on validation families): ``height_cut_k`` cuts the
+tree at a fixed multiple of the descriptors' own scale (the median nearest-neighbour distance), i.e.
+"a new type starts where a merge joins groups that far apart". Which one is the default was decided on
 synthetic, well-separated and harder Gaussian mixtures (``texad.tools.clustering_study``), never on
 the test labels; see ``conf/method/clustering.yaml``.
 """
@@ -29,7 +32,7 @@ from sklearn.metrics import silhouette_score
 
 from texad.errors import TexadError
 
-__all__ = ["K_CRITERIA", "ward_linkage", "cut_tree", "estimate_k", "criterion_scores"]
+__all__ = ["K_CRITERIA", "ward_linkage", "cut_tree", "estimate_k", "criterion_scores", "neighbour_scale", "height_cut_k"]
 
 K_CRITERIA = ("gap", "silhouette", "eigengap")
 
@@ -112,3 +115,20 @@ def estimate_k(descriptors, criterion: str = "silhouette", k_min: int = 2, k_max
     scores = criterion_scores(descriptors, criterion, k_min, k_max, linkage_matrix)
     best = max(scores.values())
     return min(k for k, s in scores.items() if s == best)
+
+
+def neighbour_scale(descriptors) -> float:
+    """Median distance of each descriptor to its nearest other one: the unit a cut height is measured in."""
+    d = cdist(_numpy(descriptors), _numpy(descriptors))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(1)))
+
+
+def height_cut_k(descriptors, factor: float, k_min: int = 2, k_max: int = 10,
+                 linkage_matrix: np.ndarray | None = None) -> int:
+    """Clusters left by cutting the Ward tree at factor × `neighbour_scale`, kept within [k_min, k_max]."""
+    x = _numpy(descriptors)
+    ks = _k_range(x.shape[0], k_min, k_max)
+    z = ward_linkage(x) if linkage_matrix is None else linkage_matrix
+    k = 1 + int(np.sum(z[:, 2] > factor * neighbour_scale(x)))
+    return int(min(max(k, ks.start), ks.stop - 1))

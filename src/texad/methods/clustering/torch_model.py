@@ -21,17 +21,18 @@ We cluster anomalous images only, so every image holds a defect and the split is
 (`split_pixels`): anomalous = α above median + level·(max − median), normal = α at or below the
 median.
 
-Options studied for issue #14 (defaults chosen on a validation set of other defect generators
-planted into normal training images, never on the test labels; ``texad.tools.clustering_study``):
-``attention_border`` (a frame left out of the attention, ``clear_border``), ``center`` (subtract each
-image's own channel mean or the normal images' mean feature), ``standardize`` (divide by the normal
-images' per-channel spread), ``pooling`` (softmax(α/τ) as the paper, or a uniform average over the
-anomalous pixels),
-``mutual`` nearest-neighbour positives, the descriptor's backbone layers and local pooling, and
-L2-normalised descriptors before Ward.
+Options (``conf/method/clustering.yaml``): ``attention_border`` (a frame left out of the attention,
+``clear_border``), ``center`` (subtract each image's own channel mean or the normal images' mean
+feature), ``standardize`` (divide by the normal images' per-channel spread), ``pooling`` (softmax(α/τ)
+as the paper, or a uniform average over the anomalous pixels), ``mutual`` nearest-neighbour positives,
+the descriptor's backbone layers and local pooling, and L2-normalised descriptors before Ward. τ, the
+layers, the mining, the negatives and the epochs are chosen per run on typed validation defects
+(``selection.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +60,8 @@ __all__ = [
     "contrastive_loss",
     "ward_clusters",
     "ClusteringModel",
+    "image_descriptors",
+    "train_head",
 ]
 
 
@@ -259,11 +262,13 @@ def ward_clusters(descriptors: torch.Tensor, n_clusters: int) -> np.ndarray:
 class ClusteringModel(nn.Module):
     """Frozen backbone, the trainable head and (when maps are computed in the run) the localiser.
 
-    `features` is what both the descriptors and the head see: the backbone layers
-    ``descriptor_layers`` (indices into the backbone's layers), each locally averaged
-    ``feature_pool``×``feature_pool`` (1 = off), upsampled (bilinear) to the finest one's resolution,
+    `features` is what both the descriptors and the head see: every backbone layer, each locally
+    averaged ``feature_pool``×``feature_pool`` (1 = off), resampled onto the finest layer's cells,
     concatenated, and min–max scaled per image and channel (the official code scales the features
-    the head sees the same way). ``normal_pixels`` is a fixed random sample of normal images'
+    the head sees the same way). A descriptor reads the channels of some layers (`channels`): the
+    head those of ``head_layers`` (``descriptor_layers``, or what validation chose), the raw
+    descriptors their own; scaling is per channel, so a subset of the concatenation equals the
+    concatenation of the subset. ``normal_pixels`` is a fixed random sample of normal images'
     feature vectors (filled at fit start when the options need normal statistics): their mean and
     spread give the ``center="normal"`` / ``standardize`` statistics, also after the head.
     ``localizer`` is another texad method (FCA, blind VAE, CFA) whose ``predict_maps`` gives the maps.
@@ -274,39 +279,76 @@ class ClusteringModel(nn.Module):
                  normal_pixels: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
-        layers = tuple(range(len(backbone.channels))) if descriptor_layers is None else tuple(descriptor_layers)
-        bad = [i for i in layers if not 0 <= int(i) < len(backbone.channels)]
-        if bad or not layers:
-            raise TexadError(f"method.descriptor_layers={list(layers)} must pick among the backbone's "
-                             f"{len(backbone.channels)} layers (0..{len(backbone.channels) - 1}, null = all)")
         if int(feature_pool) < 1:
             raise TexadError(f"method.feature_pool must be at least 1, got {feature_pool}")
-        self.descriptor_layers = tuple(sorted({int(i) for i in layers}))
         self.feature_pool = int(feature_pool)
-        self.in_channels = int(sum(backbone.channels[i] for i in self.descriptor_layers))
-        self.head = ProjectionHead(self.in_channels, hidden_channels, out_channels)
-        self.register_buffer("normal_pixels", torch.zeros(int(normal_pixels), self.in_channels))
+        self.hidden_channels, self.out_channels = int(hidden_channels), out_channels
+        bounds = np.cumsum([0, *backbone.channels])
+        self._layer_slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.head_layers = self.layers(descriptor_layers)
+        self.head = ProjectionHead(len(self.channels(self.head_layers)), hidden_channels, out_channels)
+        self.register_buffer("normal_pixels", torch.zeros(int(normal_pixels), int(bounds[-1])))
         self.localizer: nn.Module | None = None
+
+    def layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
+        """Checked, sorted backbone layer indices (None = all)."""
+        n = len(self._layer_slices)
+        chosen = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
+        if not chosen or any(not 0 <= i < n for i in chosen):
+            raise TexadError(f"method.descriptor_layers={list(chosen)} must pick among the backbone's "
+                             f"{n} layers (0..{n - 1}, null = all)")
+        return tuple(sorted(set(chosen)))
+
+    def channels(self, layers: Sequence[int] | None) -> torch.Tensor:
+        """Indices of the feature channels of these layers in `features`' concatenation."""
+        return torch.cat([torch.arange(*self._layer_slices[i]) for i in self.layers(layers)])
+
+    def set_head_layers(self, layers: Sequence[int] | None) -> None:
+        """A fresh head reading these layers (after validation chose them)."""
+        self.head_layers = self.layers(layers)
+        device = next(self.head.parameters()).device
+        self.head = ProjectionHead(len(self.channels(self.head_layers)), self.hidden_channels,
+                                   self.out_channels).to(device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
-        """Min–max scaled descriptor features (N, C, h, w) on the first descriptor layer's cells, and their grid."""
+        """Min–max scaled features of every layer (N, C, h, w) on the finest layer's cells, and their grid."""
         maps = self.backbone(images)
         grids = self.backbone.grids(images.shape[-2:], maps)
-        cat, grid = concat_layers([maps[i] for i in self.descriptor_layers],
-                                  [grids[i] for i in self.descriptor_layers], self.feature_pool)
+        cat, grid = concat_layers(list(maps), list(grids), self.feature_pool)
         return scale_features_minmax(cat), grid
 
-    def head_features(self, features: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """The head on whole feature maps, a few images at a time."""
-        return torch.cat([self.head(features[i:i + chunk]) for i in range(0, features.shape[0], chunk)])
-
-    def normal_statistics(self, head: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Mean and std (C,) of the normal pixel sample, before or after the head; None if not sampled."""
+    def normal_sample(self, layers: Sequence[int] | None) -> torch.Tensor | None:
+        """The normal pixel sample's channels of these layers (P, C'); None if not sampled."""
         if self.normal_pixels.shape[0] == 0 or not bool(self.normal_pixels.abs().sum() > 0):
             return None
-        x = self.head(self.normal_pixels) if head else self.normal_pixels
-        return x.mean(0), x.std(0)
+        return self.normal_pixels[:, self.channels(layers).to(self.normal_pixels.device)]
+
+
+def image_descriptors(features: torch.Tensor, maps: torch.Tensor, temperature: float, *, head: nn.Module | None = None,
+                      normal_pixels: torch.Tensor | None = None, pooling: str = "softmax", anomalous_level: float = 0.5,
+                      center: str = "image", standardize: bool = False, normalize: bool = False, blur_kernel: int = 7,
+                      blur_sigma: float = 2.0, chunk: int = 8) -> torch.Tensor:
+    """(N, C) descriptors of features (N, C, h, w) attended by maps (N, h, w), through ``head`` if given.
+
+    ``normal_pixels`` (P, C), the normal sample of the same channels, is needed for ``center="normal"``
+    and ``standardize``; its statistics are taken after the head when there is one.
+    """
+    weights = normalise_maps(maps)
+    weights = (attention_weights(weights, temperature) if pooling == "softmax"
+               else threshold_weights(weights, anomalous_level))
+    if head is not None:
+        features = torch.cat([head(features[i:i + chunk]) for i in range(0, features.shape[0], chunk)])
+    mean = std = None
+    if center == "normal" or standardize:
+        if normal_pixels is None:
+            raise TexadError("method.center=normal / method.standardize need normal images' features (none sampled)")
+        sample = head(normal_pixels) if head is not None else normal_pixels
+        mean, std = sample.mean(0), sample.std(0)
+    smooth = smooth_and_center(features, blur_kernel, blur_sigma, center, mean if center == "normal" else None,
+                               std if standardize else None)
+    out = weighted_descriptors(smooth, weights)
+    return F.normalize(out, dim=1) if normalize else out
 
 
 # --- the head's training data and loss per anchor (used by the LightningModule and the study) ----
@@ -360,3 +402,31 @@ def anchor_loss(head: nn.Module, data: dict, anchor: int, g: torch.Generator, n_
     embedded = head(torch.cat(vectors).to(device)).split(sizes)
     loss, _ = contrastive_loss(*embedded, margin=margin)
     return loss
+
+
+def train_head(head: nn.Module, data: dict, epochs: int, seed: int, *, n_negatives: int = 5, anchor_pixels: int = 20,
+               pair_pixels: int = 50, margin: float = 0.5, lr: float = 5e-4, weight_decay: float = 0.01,
+               after_epoch: Callable[[int], None] | None = None) -> list[float]:
+    """The head's training outside a Lightning trainer (validation studies): AdamW, one anchor per step,
+    anchors in a seeded order per epoch, as the method's fit. ``after_epoch(e)`` is called after epoch
+    e (1-based), e.g. to score the head there. Returns the mean loss of every epoch."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    n, step, losses = data["features"].shape[0], 0, []
+    for epoch in range(int(epochs)):
+        head.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        total = 0.0
+        for anchor in order:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            loss = anchor_loss(head, data, anchor, g, n_negatives, anchor_pixels, pair_pixels, margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            step += 1
+        losses.append(total / max(n, 1))
+        head.eval()
+        if after_epoch is not None:
+            with torch.no_grad():
+                after_epoch(epoch + 1)
+    return losses
