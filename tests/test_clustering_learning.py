@@ -20,7 +20,7 @@ from texad.pipeline import train
 torch.set_num_threads(1)
 
 SIDE = 256  # at 96-192 px even the ground-truth masks separate these types poorly (NMI 0.26-0.65)
-TYPES = ("blob_grain", "line_thick", "contrast_down")  # one family of three different pairs
+TYPES = ("blob_weave", "line_thin", "contrast_up")  # one family of three different pairs
 PER_TYPE = 5
 
 
@@ -55,7 +55,7 @@ def run(root: Path, out: Path) -> dict:
         "method=clustering", "dataset=folder", f"dataset.root={root}", f"dataset.image_size={SIDE}",
         "dataset.num_workers=0", "dataset.val_fraction=0", "dataset.eval_batch_size=8", "logger=none",
         "trainer.enable_progress_bar=false", "eval_callbacks.test_outputs.max_overlays_per_type=0",
-        "method.maps_from=fca", "method.n_clusters=oracle", "method.epochs=5",
+        "method.maps_from=fca", "method.n_clusters=oracle", "method.epochs=5", "method.selection.epochs=[5]",
     ]
     return train(compose_cfg("train", overrides, out))
 
@@ -65,9 +65,9 @@ def test_the_method_separates_clearly_different_types_and_random_descriptors_do_
                                                                                       monkeypatch):
     record = run(planted_root, tmp_path / "method")
     print(f"method: NMI raw {record['raw_nmi']:.3f} head {record['nmi']:.3f}, k estimated {record['k_estimated']}")
-    # measured: NMI raw 1.000 / head 1.000 (FCA maps, 15 images of 3 types; k estimated 3)
+    # measured: NMI raw 0.636 / head 0.841 (FCA maps, 15 images of 3 types; k estimated 3)
     assert record["n_types"] == len(TYPES) and record["n_clustered"] == len(TYPES) * PER_TYPE
-    assert record["raw_nmi"] > 0.6 and record["nmi"] > 0.6
+    assert record["raw_nmi"] > 0.5 and record["nmi"] > 0.6
     # a folder without validation normals: the configured settings are used, and the record says so
     assert record["selection"]["status"].startswith("off: dataset")
 
