@@ -49,7 +49,7 @@ from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.methods.clustering.figures import write_cluster_outputs
 from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, build_localizer, fit_localizer
-from texad.methods.clustering.number import K_CRITERIA, criterion_scores, cut_tree, ward_linkage
+from texad.methods.clustering.number import K_CRITERIA, cut_tree, ward_linkage
 from texad.methods.clustering.selection import (
     HeadSetting,
     RawSetting,
@@ -65,6 +65,7 @@ from texad.methods.clustering.torch_model import (
     CENTERS,
     POOLINGS,
     ClusteringModel,
+    anchor_generator,
     anchor_loss,
     clear_border,
     maps_on_cells,
@@ -442,7 +443,7 @@ class AnomalyClustering(AnomalyModule):
                           sampler=EpochSeededShuffle(n, self.hparams.seed), collate_fn=torch.tensor)
 
     def training_step(self, anchors: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
+        g = anchor_generator(int(self.hparams.seed), int(self.global_step))
         hp = self.hparams
         n_negatives = self.settings["head"].n_negatives
         losses = [anchor_loss(self.model.head, self._train, a, g, n_negatives, hp.anchor_pixels, hp.pair_pixels,
@@ -563,14 +564,13 @@ class AnomalyClustering(AnomalyModule):
             linkages[kind] = ward_linkage(descriptors[kind])
             k_est = None
             if len(paths) >= 3:
-                for criterion in K_CRITERIA:
-                    sc = criterion_scores(descriptors[kind], criterion, hp.k_min, hp.k_max, linkages[kind])
-                    best = max(sc.values())
-                    estimates.setdefault(criterion, {})[kind] = min(k for k, s in sc.items() if s == best)
                 rule = self.settings["k_rule"][kind]
-                k_est = estimate_with_rule(descriptors[kind], rule, hp.k_min, hp.k_max, linkages[kind])
-                if rule["criterion"] == "height":
-                    estimates.setdefault("height", {})[kind] = k_est
+                # every criterion's estimate is recorded; the rule in use is one of them or the fitted height
+                for criterion in (*K_CRITERIA, *(["height"] if rule["criterion"] == "height" else [])):
+                    estimates.setdefault(criterion, {})[kind] = estimate_with_rule(
+                        descriptors[kind], rule if criterion == "height" else {"criterion": criterion},
+                        hp.k_min, hp.k_max, linkages[kind])
+                k_est = estimates[rule["criterion"]][kind]
             used_k[kind] = fixed if fixed is not None else k_est
             reasons[kind] = self._k_reason(kind, fixed)
             clusters[kind] = cut_tree(linkages[kind], used_k[kind])

@@ -34,8 +34,8 @@ import torch
 from texad.errors import TexadError
 from texad.methods.clustering.number import (
     K_CRITERIA,
-    criterion_scores,
     cut_tree,
+    estimate_k,
     height_cut_k,
     neighbour_scale,
     ward_linkage,
@@ -48,7 +48,7 @@ from texad.methods.clustering.torch_model import (
     pair_training_data,
     train_head,
 )
-from texad.metrics.clustering import adjusted_rand_index, hungarian_f1, normalized_mutual_info
+from texad.metrics.clustering import cluster_scores
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ class Validation:
 
 def ward_scores(descriptors: torch.Tensor, target: np.ndarray, k: int) -> dict[str, float]:
     """NMI, ARI and F1 of the Ward cut into k clusters."""
-    pred = cut_tree(ward_linkage(descriptors), k)
-    return {"nmi": normalized_mutual_info(pred, target), "ari": adjusted_rand_index(pred, target),
-            "cluster_f1": hungarian_f1(pred, target)}
+    return cluster_scores(cut_tree(ward_linkage(descriptors), k), target)
 
 
 def setting_descriptors(model: ClusteringModel, features: torch.Tensor, maps: torch.Tensor, setting: RawSetting,
@@ -189,9 +187,7 @@ def estimate_with_rule(descriptors: torch.Tensor, rule: dict[str, Any], k_min: i
     """k̂ under a rule: {"criterion": one of K_CRITERIA} or {"criterion": "height", "factor": f} (``height_cut_k``)."""
     if rule["criterion"] == "height":
         return height_cut_k(descriptors, float(rule["factor"]), k_min, k_max, linkage_matrix)
-    scores = criterion_scores(descriptors, rule["criterion"], k_min, k_max, linkage_matrix)
-    best = max(scores.values())
-    return min(k for k, s in scores.items() if s == best)
+    return estimate_k(descriptors, rule["criterion"], k_min, k_max, linkage_matrix)
 
 
 def _family_subsets(n_families: int, per_size: int, rng: np.random.Generator) -> list[np.ndarray]:

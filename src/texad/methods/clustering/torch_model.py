@@ -41,6 +41,7 @@ from sklearn.cluster import AgglomerativeClustering
 from torch import nn
 
 from texad.backbones import concat_layers
+from texad.data.datamodule import EpochSeededShuffle
 from texad.errors import TexadError
 from texad.geometry import PIXELS, Grid, resample
 from texad.methods.components.feature_maps import scale_features_minmax
@@ -61,6 +62,7 @@ __all__ = [
     "ward_clusters",
     "ClusteringModel",
     "image_descriptors",
+    "anchor_generator",
     "train_head",
 ]
 
@@ -404,6 +406,11 @@ def anchor_loss(head: nn.Module, data: dict, anchor: int, g: torch.Generator, n_
     return loss
 
 
+def anchor_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one training step's pixel and negative draws (the fit and ``train_head`` alike)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def train_head(head: nn.Module, data: dict, epochs: int, seed: int, *, n_negatives: int = 5, anchor_pixels: int = 20,
                pair_pixels: int = 50, margin: float = 0.5, lr: float = 5e-4, weight_decay: float = 0.01,
                after_epoch: Callable[[int], None] | None = None) -> list[float]:
@@ -412,12 +419,13 @@ def train_head(head: nn.Module, data: dict, epochs: int, seed: int, *, n_negativ
     e (1-based), e.g. to score the head there. Returns the mean loss of every epoch."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     n, step, losses = data["features"].shape[0], 0, []
+    order = EpochSeededShuffle(n, seed)  # the fit's anchor order
     for epoch in range(int(epochs)):
         head.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        order.set_epoch(epoch)
         total = 0.0
         for anchor in order:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            g = anchor_generator(seed, step)
             loss = anchor_loss(head, data, anchor, g, n_negatives, anchor_pixels, pair_pixels, margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
