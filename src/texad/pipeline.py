@@ -9,7 +9,9 @@ metrics.json.
 from __future__ import annotations
 
 import logging
+import signal
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from texad.errors import TexadError
@@ -25,6 +28,7 @@ from texad.methods.cfa.fusion import refuse_method
 from texad.methods.cfa.view_cache import run_description
 from texad.metrics.bootstrap import STATISTICS_FILE
 from texad.outputs import METRIC_KEYS, atomic_write, read_torch_file, write_json
+from texad.resume import ResumeCheckpoint
 from texad.selection import BEST_CKPT as SELECTED_STEM
 from texad.selection import EpochSelection
 
@@ -59,17 +63,26 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """An explicit ckpt_path, else the run dir's last.ckpt when resume is on (a crashed run goes on)."""
+    """An explicit ckpt_path, else the run dir's last.ckpt when resume is on (an interrupted run goes on;
+    the line "resuming from epoch N of M" is logged by `texad.resume.ResumeCheckpoint` as it loads)."""
     if cfg.get("ckpt_path"):
         path = Path(str(cfg.ckpt_path)).expanduser()
         if not path.is_file():
             raise TexadError(f"ckpt_path {str(path)!r} does not exist")
+        check_checkpoint_file(path, "ckpt_path")
         return str(path)
     last = ckpt_dir / LAST_CKPT
     if cfg.get("resume", True) and last.is_file():
-        log.info("resuming from %s", last)
+        check_checkpoint_file(last, "resume=true")
         return str(last)
     return None
+
+
+def check_checkpoint_file(path: Path, key: str) -> None:
+    """A torch checkpoint is a zip archive: a truncated one lacks its end record (cheap to test)."""
+    if not zipfile.is_zipfile(path):
+        raise TexadError(f"{key}: checkpoint {str(path)!r} is truncated or not a torch checkpoint; remove it "
+                         f"(or pass resume=false) to train afresh")
 
 
 def evaluation_trainer(cfg: DictConfig, loggers: list, callbacks: list | None = None) -> L.Trainer:
@@ -132,16 +145,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_info: dict[str, Any] = {}
     fit_start = time.time()
     if method.prepare_fit(datamodule):
-        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, filename="epoch_{epoch:03d}", save_last=True, save_top_k=0, auto_insert_metric_name=False
-        )
+        checkpoint = ResumeCheckpoint(ckpt_dir / LAST_CKPT)  # last.ckpt after every epoch (texad.resume)
         selection = epoch_selection(cfg, datamodule, method, ckpt_dir)
-        callbacks = [checkpoint, *(selection.callbacks if selection else []), *instantiate_callbacks(cfg.get("callbacks"))]
+        # last.ckpt last: it must hold the state the epoch selection's own checkpoint reached in that epoch
+        callbacks = [*(selection.callbacks if selection else []), *instantiate_callbacks(cfg.get("callbacks")), checkpoint]
         trainer = instantiate(
             cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all",
             **(selection.trainer_kwargs if selection else {}),
         )
-        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
+        try:
+            trainer.fit(method, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ckpt_dir))
+        except SIGTERMException as stop:  # Lightning's SystemExit without a code would exit 0
+            raise SystemExit(128 + signal.SIGTERM) from stop
         # last.ckpt is the model as the fit left it, after on_fit_end (e.g. calibration) and also when no
         # epoch ran (epochs=0: the model is its memory bank). save_checkpoint is a collective: every rank calls it
         trainer.save_checkpoint(ckpt_dir / LAST_CKPT)
