@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -19,17 +20,66 @@ from texad.errors import TexadError
 METRIC_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "image_f1", "pixel_aupimo")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_path) on a temp file next to `path`, fsync it, then os.replace it into place."""
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain open()/mkdir() would have: mkstemp makes files 0600 and mkdtemp
+    folders 0700, so results written through them would be unreadable to the group (0644/0755 under 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_temp_dir(prefix: str, dir: str | Path) -> Path:
+    """tempfile.mkdtemp with the umask's mode, for folders built aside and moved into place with os.replace."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    follow_umask(tmp, directory=True)
+    return tmp
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create `path` (and parents) or say in one line why it cannot be: read-only, no permission, disk full."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TexadError(f"{what} {str(path)!r} cannot be created: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TexadError(f"{what} {str(path)!r} is not writable (read-only or no permission); "
+                         f"choose another one (e.g. TEXAD_CACHE=/path or paths.cache_dir=/path)")
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_path) on a temp file next to `path`, fsync it, give it the umask's mode, then
+    os.replace it into place. A full disk or a read-only folder is one TexadError naming the file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise TexadError(f"cannot write {str(path)!r}: {err.strerror or err} (read-only or full folder?)") from err
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise TexadError(f"cannot write {str(path)!r}: {err.strerror} (folder {str(path.parent)!r})") from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

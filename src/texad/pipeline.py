@@ -27,6 +27,7 @@ from texad.methods.base import AnomalyModule
 from texad.methods.cfa.fusion import refuse_method
 from texad.methods.cfa.view_cache import run_description
 from texad.metrics.bootstrap import STATISTICS_FILE
+from texad.metrics.reasons import null_reasons
 from texad.outputs import METRIC_KEYS, atomic_write, read_torch_file, write_json
 from texad.resume import ResumeCheckpoint
 from texad.selection import BEST_CKPT as SELECTED_STEM
@@ -135,6 +136,22 @@ def metrics_record(cfg: DictConfig, results: dict[str, Any], wall_time: float, e
     return record
 
 
+def explain_nulls(record: dict[str, Any], datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """`inputs` (the pre-fit check's counts) and a `reasons` entry beside every null metric, with one
+    warning line naming them (texad.metrics.reasons)."""
+    inputs = dict(getattr(datamodule, "input_report", {}) or {})
+    record["inputs"] = inputs
+    size = getattr(datamodule, "image_size", None)
+    pixels = int(size[0]) * int(size[1]) if size else None
+    has_val = bool(record.get("val"))
+    for where, part in (("test", record), ("val", record.get("val") or {})):
+        reasons = null_reasons(part, inputs if where == "test" else {}, pixels if where == "test" else None, has_val)
+        if reasons:
+            part["reasons"] = reasons
+            log.warning("%s metrics null: %s", where, "; ".join(f"{k} ({v})" for k, v in reasons.items()))
+    return record
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True)
@@ -177,6 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)
     record = metrics_record(cfg, results, time.time() - start, {**(getattr(method, "fit_info", None) or {}), **fit_info})
+    explain_nulls(record, datamodule)
     write_statistics(method, out_dir)
     write_json(out_dir / "metrics.json", record)
     log.info("metrics: %s", {k: record[k] for k in METRIC_KEYS})
@@ -286,6 +304,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         extra["fusion"] = refuse_method(method, results, fusion)
     record = metrics_record(run_cfg, results, time.time() - start, extra)
+    explain_nulls(record, datamodule)
     write_statistics(method, Path(cfg.paths.output_dir))
     write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
     return record

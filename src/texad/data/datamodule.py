@@ -12,9 +12,10 @@ transductive protocol of blind localization).
 from __future__ import annotations
 
 import logging
+import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -22,12 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from texad.data.batch import collate
+from texad.data.checks import check_inputs
 from texad.data.embedded import TEXTURES, ensure_elpv_set, ensure_texture_set
 from texad.data.images import as_hw, read_mask, read_rgb, resize_mask, resize_rgb, to_tensor
 from texad.data.layout import GOOD, Sample, SampleSplit, read_ksdd2, read_mtd, read_mvtec_layout
 from texad.data.synthetic import ALL_GENERATORS, plant_defect
 from texad.data.type_families import TYPE_FAMILIES, plant_family
 from texad.errors import TexadError
+from texad.outputs import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.split: SampleSplit | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
+        self.input_report: dict[str, Any] = {}  # texad.data.checks: what metrics.json records of the inputs
 
     @abstractmethod
     def list_samples(self) -> SampleSplit:
@@ -164,6 +168,11 @@ class AnomalyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
+        self._split_samples()
+        # before any training step: every image header, every mask (texad.data.checks)
+        self.input_report = check_inputs(self.train_samples, self.val_samples, self.split.test)
+
+    def _split_samples(self) -> None:
         try:
             split = self.list_samples()
         except TexadError as err:
@@ -359,7 +368,7 @@ class TextureDataModule(AnomalyDataModule):
     def list_samples(self) -> SampleSplit:
         if self.texture not in TEXTURES:
             raise TexadError(f"unknown embedded texture {self.texture!r}; choices: {list(TEXTURES)}")
-        return read_mvtec_layout(ensure_texture_set(self.texture, self.cache_dir, **self.gen))
+        return read_mvtec_layout(generated(self.cache_dir, lambda: ensure_texture_set(self.texture, self.cache_dir, **self.gen)))
 
 
 class ELPVDataModule(AnomalyDataModule):
@@ -375,11 +384,32 @@ class ELPVDataModule(AnomalyDataModule):
         self.split_seed = split_seed  # the train/test split's own seed: fixed, so every run sees one test set
 
     def list_samples(self) -> SampleSplit:
-        root = ensure_elpv_set(
+        root = generated(self.cache_dir, lambda: ensure_elpv_set(
             self.cache_dir, cell_type=self.cell_type, test_fraction_normal=self.test_fraction_normal,
             seed=self.split_seed, limit=self.limit,
-        )
+        ))
         return read_mvtec_layout(root)
+
+
+def generated(cache_dir: Path, ensure: Callable[[], Path]) -> Path:
+    """A generated set under the cache dir: built once (texad.data.embedded), readable by the group.
+
+    A cache dir that is read-only or full is one line naming it. The set is built in a temp folder
+    (mkdtemp: 0700) and renamed into place; its top folder then gets the umask's mode (0755 under 022),
+    like every file inside it (written with plain open/imwrite).
+    """
+    try:
+        root = ensure()
+    except OSError as err:
+        raise TexadError(f"cache dir {str(cache_dir)!r} (paths.cache_dir, TEXAD_CACHE): cannot build the data set "
+                         f"there: {err.strerror or err}{f' ({err.filename})' if err.filename else ''}") from err
+    wanted = 0o777 & ~current_umask()
+    try:
+        if root.stat().st_mode & 0o777 != wanted:
+            os.chmod(root, wanted)
+    except OSError:
+        pass  # a set built by another user in a shared cache: theirs to open
+    return root
 
 
 __all__ = [

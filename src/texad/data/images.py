@@ -84,3 +84,46 @@ def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     s = torch.tensor(std).view(3, 1, 1)
     x = (image.detach().cpu().float() * s + m).clamp(0, 1)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def image_header(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels.
+
+    PIL reads the header and `verify()` walks the file's structure (for PNG every chunk and its CRC)
+    without decoding, so a corrupt or truncated file is found at a fraction of a decode's cost. A file
+    PIL does not know is decoded by OpenCV (the reader used later) before it is called unreadable.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.verify()
+        return int(height), int(width)
+    except FileNotFoundError:
+        raise TexadError(f"image file {str(path)!r} does not exist") from None
+    except Exception:  # noqa: BLE001 - any PIL failure: let the real reader decide
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise TexadError(f"cannot read image {str(path)!r}: corrupt or not an image file") from None
+        return int(arr.shape[0]), int(arr.shape[1])
+
+
+def mask_levels(path: str | Path, image_path: str | Path, image_shape: tuple[int, int]) -> tuple[int, bool]:
+    """(defective pixel count, binary?) of a mask file checked against its image's size.
+
+    The rule that binarises a mask (`read_mask`): a pixel > 0 is defective. Binary means at most two
+    grey levels, one of them 0 (e.g. 0/255 or 0/1).
+    """
+    arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if arr is None:
+        raise TexadError(f"cannot read mask {str(path)!r}: corrupt or not an image file")
+    if arr.shape[:2] != tuple(image_shape):
+        raise TexadError(
+            f"mask {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} but its image {str(image_path)!r} is "
+            f"{image_shape[1]}x{image_shape[0]} (width x height); they must be equal"
+        )
+    defect = arr > 0
+    count = int(np.count_nonzero(defect))
+    binary = count == 0 or bool((arr[defect] == arr[defect][0]).all())
+    return count, binary

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from texad.errors import TexadError
-from texad.outputs import read_npz_array
+from texad.outputs import follow_umask, read_npz_array
 from texad.outputs import digest
 
 __all__ = [
@@ -464,6 +464,7 @@ class SuperpixelCache:
         try:
             with os.fdopen(handle, "wb") as file:
                 np.savez_compressed(file, labels=labels)
+            follow_umask(temp)  # mkstemp makes 0600: the cache is shared like any file of the user's
             os.replace(temp, target)
         except BaseException:
             try:
