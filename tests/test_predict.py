@@ -71,3 +71,39 @@ def test_predict_missing_checkpoint_is_one_line_error(inputs, tmp_path):
     proc = run_entry("predict.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"input_dir={inputs}",
                      f"hydra.run.dir={tmp_path / 'p'}", check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_maps_go_back_to_the_image_size_through_geometry_resample():
+    """Same as the bilinear half-pixel resize it replaces (cv2.INTER_LINEAR), up and down."""
+    from texad.predictor import to_image_size
+
+    amap = np.random.default_rng(0).random((16, 24)).astype(np.float32)
+    for h, w in ((48, 100), (16, 24), (8, 10), (37, 53)):
+        ours = to_image_size(amap, (h, w))
+        assert ours.shape == (h, w)
+        if (h, w) != amap.shape and h >= 16 and w >= 24:  # upsampling: both sample bilinearly at pixel centres
+            np.testing.assert_allclose(ours, cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR), atol=1e-5)
+    assert to_image_size(amap, (16, 24)) is amap
+
+
+@pytest.mark.slow
+def test_interrupted_predict_resumes_where_it_stopped(trained, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), (rng.random((40, 56, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "pred"
+    args = [f"ckpt_path={trained}", f"input_dir={folder}", f"hydra.run.dir={out}", "batch_size=4", "max_overlays=0"]
+    run_entry("predict.py", *args)
+    whole = (out / "scores.csv").read_text()
+    done = {p: p.stat().st_mtime_ns for p in (out / "maps").iterdir()}
+    for name in ("008", "009", "010", "011"):  # as if stopped after two batches: the last batch not written
+        (out / "maps" / f"{name}.npz").unlink()
+        (out / "masks" / f"{name}.png").unlink(missing_ok=True)
+    (out / "scores.csv").unlink()
+    proc = run_entry("predict.py", *args)
+    assert "resuming: 8 of 12 images already predicted" in proc.stderr + proc.stdout
+    kept = {p: p.stat().st_mtime_ns for p in (out / "maps").iterdir() if p.stem < "008"}
+    assert all(done[p] == t for p, t in kept.items())  # not written again
+    assert (out / "scores.csv").read_text() == whole
