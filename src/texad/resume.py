@@ -71,6 +71,7 @@ class ResumeCheckpoint(Checkpoint):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._pending: dict[str, Any] | None = None
+        self._at_epoch_start = False  # set while on_train_epoch_start writes
         self.epochs_saved = 0  # epoch count held by the last last.ckpt this process wrote (or resumed from)
 
     @property
@@ -96,7 +97,7 @@ class ResumeCheckpoint(Checkpoint):
             "generators": {name: g.get_state() for name, g in module_generators(pl_module).items()},
             "should_stop": bool(trainer.should_stop),
         }
-        if getattr(self, "_at_epoch_start", False):
+        if self._at_epoch_start:
             # the epoch loop resets its per-epoch batch counters only once the epoch's first batch is drawn;
             # stored stale, a resumed iteration-based fit (max_steps) would take them for a finished epoch
             # and run one batch of it
