@@ -33,8 +33,10 @@ def comparable(run: Path) -> dict:
 def interrupt_after_first_epoch(overrides: list[str], run: Path, signum: int) -> subprocess.CompletedProcess:
     """Start train.py, send `signum` once checkpoints/last.ckpt (the end of epoch 1) exists."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    # SIGINT as from a terminal: a child of a background job inherits SIGINT ignored, and Python keeps that
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run}"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
