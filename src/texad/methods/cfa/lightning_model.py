@@ -156,6 +156,8 @@ class CFA(AnomalyModule):
     def prepare_fit(self, datamodule: Any) -> bool:
         """Load cached views and freeze them; fit only when some view is not cached."""
         self.frozen_views = set()
+        store = self.model.backbone.feature_store
+        self._store_start = store.stats() if store is not None else {}
         if self._cache is None:
             return True
         heads = {}
@@ -175,8 +177,9 @@ class CFA(AnomalyModule):
     def finish_fit(self, datamodule: Any) -> None:
         """Store the views this fit trained."""
         store = self.model.backbone.feature_store  # frozen features: texad.feature_store, below every method
-        if store is not None:
-            self.fit_info["feature_cache"] = store.stats()
+        if store is not None:  # this fit's lookups
+            start = getattr(self, "_store_start", {})
+            self.fit_info["feature_cache"] = {k: v - start.get(k, 0) for k, v in store.stats().items()}
         if self._cache is None:
             return
         for v in self.model.view_names:
