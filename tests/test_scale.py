@@ -96,7 +96,12 @@ def test_bench_prints_the_figures_of_every_method(tmp_path):
         assert cfa[key] > 0, key
     assert cfa["exact_search"]["queries"] == 2 * 16 * 16  # 64² input, stride-4 features
     assert cfa["exact_search"]["matmul_over_backbone"] > 0
+    assert cfa["exact_search"]["inference_over_padded_floor"] > 0  # CFA's default pads its input
     fca = report["methods"]["fca"]
     assert "error" not in fca and fca["inference_over_backbone"] > 0
+    for method in (cfa, fca):  # backbone and inference with and without the (fresh, then warm) feature cache
+        assert set(method["backbone_s"]) == {"no_cache", "cache"} and min(method["backbone_s"].values()) > 0
+        assert set(method["inference_s"]) == {"no_cache", "cache"}
+        assert method["feature_cache"]["misses"] > 0 and method["feature_cache"]["hits_memory"] > 0
     assert report["pixel_metrics"]["n_images"] == 6 and report["pixel_metrics"]["aupro_s"] > 0
     assert report["alpha_refusion"]["n_points"] == 2

@@ -114,6 +114,7 @@ class CFA(AnomalyModule):
         self._cached_maps: dict[str, dict[str, torch.Tensor]] = {}
         self._split_map_keys: dict[str, str] = {}
         self._computed_maps: dict[str, dict[str, torch.Tensor]] = {}
+        self._calibrated_at: int | None = None
 
     # --- superpixel views requested from the datamodule -----------------------------------------
     @property
@@ -199,6 +200,7 @@ class CFA(AnomalyModule):
 
     # --- fit -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._calibrated_at = None  # optimiser step of the last calibration in this fit
         if self.model.banks_built:
             return  # resumed from a checkpoint: the bank is part of it
         dm = self.trainer.datamodule
@@ -220,10 +222,14 @@ class CFA(AnomalyModule):
         self.model.heads["org"].calibrate(self._feats(batch, ["org"])["org"] for batch in batches)
 
     def _calibrate(self) -> None:
-        """`calibrate` on the fit's training normals."""
+        """`calibrate` on the fit's training normals; skipped when no optimiser step ran since the last one
+        (the fit's end right after the last epoch's validation): the same heads give the same scale."""
+        if self.model.calibration == "none" or self._calibrated_at == self.trainer.global_step:
+            return
         strategy = self.trainer.strategy
         self.calibrate(strategy.batch_to_device(batch, self.device)
                        for batch in self.trainer.datamodule.fit_statistics_dataloader())
+        self._calibrated_at = self.trainer.global_step
 
     def on_validation_epoch_start(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
