@@ -34,9 +34,9 @@ def test_cfa_training_beats_its_memory_bank(tmp_path):
     # The default CFA on the embedded gravel set at full size (256², 40 training images, 144 test images),
     # 3 epochs against the same model untrained (method.epochs=0: the memory bank of the random-initialised
     # descriptor). Measured (embedded sets v2, aligned maps): trained AUPRO 0.749 / P-AP 0.348, bank only
-    # 0.588 / 0.066 (python train.py method.epochs=0 dataset.cache_features=true selection.every_n_epochs=0).
+    # 0.588 / 0.066 (python train.py method.epochs=0 selection.every_n_epochs=0).
     # The bars sit between the two, so this test fails for a model whose training does nothing.
-    common = ["dataset=textures/gravel", "dataset.cache_features=true", "selection.every_n_epochs=0",
+    common = ["dataset=textures/gravel", "selection.every_n_epochs=0",
               "eval_callbacks.test_outputs=null", "logger=none", "trainer.enable_progress_bar=false"]
     trained = train(compose_cfg("train", [*common, "method.epochs=3"], tmp_path / "trained"))
     bank = train(compose_cfg("train", [*common, "method.epochs=0"], tmp_path / "bank"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from texad.errors import TexadError
+from texad.feature_store import describe_network
 from texad.geometry import Grid, LayerGeometry, resample
+from texad.geometry.probe import weights_digest
 from texad.outputs import read_torch_file
 
 log = logging.getLogger(__name__)
@@ -113,11 +115,22 @@ def build_classifier(
 class FrozenLayers(nn.Module):
     """A frozen network returning some layers' maps: always in eval mode and without gradients, run in
     channels-last micro-batches (`channels_last_forward`), with the layers' cell centres (`geometry`).
+    With a `feature_store` (`texad.feature_store`, attached by the pipeline) each input's maps are
+    computed once and then read from the store, by every method that feeds this network the same input.
 
     Subclasses set `geometry` and implement `layer_maps(images)`.
     """
 
     geometry: LayerGeometry
+    feature_store: Any = None
+    _store_identity: str | None = None
+
+    def store_identity(self) -> str:
+        """What identifies this network's maps in the feature store: class, layers and a weights digest."""
+        if self._store_identity is None:
+            self._store_identity = describe_network(type(self).__name__, self.geometry.description,
+                                                    weights_digest(self.geometry.network()))
+        return self._store_identity
 
     def grids(self, input_hw: tuple[int, int], maps: Sequence[torch.Tensor]) -> list[Grid]:
         """Where the cells of `maps` (this network's output for an input of `input_hw`) sit in the input."""
@@ -131,8 +144,15 @@ class FrozenLayers(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The maps, always computed (never read from the store): what the geometry probe runs."""
         return channels_last_forward(self.layer_maps, images)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.feature_store is None:
+            return self.compute(images)
+        return self.feature_store.maps(self.store_identity(), images, self.compute)
 
 
 class FeatureExtractor(FrozenLayers):
@@ -174,7 +194,7 @@ class FeatureExtractor(FrozenLayers):
         self.model.eval().to(memory_format=torch.channels_last)
         self.channels = list(self.model.feature_info.channels())
         self.strides = list(self.model.feature_info.reduction())
-        self.geometry = LayerGeometry(self.forward, self.strides, lambda: self.model,
+        self.geometry = LayerGeometry(self.compute, self.strides, lambda: self.model,
                                       f"{name} layers {list(self.layers)}", alignment, geometry_cache)
 
     def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from texad.errors import TexadError
+from texad.feature_store import attach_store
 from texad.methods.base import AnomalyModule
 from texad.methods.cfa.fusion import refuse_method
 from texad.methods.cfa.view_cache import run_description
@@ -43,6 +44,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
     """Datamodule and method from the config (the backbone is built once and handed to the method)."""
     datamodule = instantiate(cfg.dataset, _convert_="all")
     backbone = instantiate(cfg.backbone, _convert_="all")
+    attach_store(backbone, cfg.get("feature_cache"), cache_dir=str(cfg.paths.cache_dir))  # before the method's views of it
     method = instantiate(cfg.method, backbone=backbone, _convert_="all")
     method.texad_config = OmegaConf.to_container(cfg, resolve=True)
     output_dir = cfg.paths.get("output_dir")
@@ -266,6 +268,8 @@ def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, dict]:
     if not saved:
         raise TexadError(f"checkpoint {str(path)!r} was not written by texad (no saved config)")
     _rename_keys(saved.get("method"), RENAMED_METHOD_KEYS)
+    if isinstance(saved.get("dataset"), dict):  # CFA's own switch before texad.feature_store (top-level feature_cache)
+        saved["dataset"].pop("cache_features", None)
     backbone = saved.get("backbone")
     if isinstance(backbone, dict) and "alignment" not in backbone:
         # written before texad.geometry: its heads and banks were fitted on the legacy cell centres
@@ -288,7 +292,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"checkpoint {cfg.ckpt_path!r} belongs to method {saved_method!r}, not {wanted!r}"
         )
     run_cfg = OmegaConf.create(saved)
-    for key in ("paths", "logger", "eval_callbacks"):
+    for key in ("paths", "logger", "eval_callbacks", "feature_cache"):
         if cfg.get(key) is not None:
             run_cfg[key] = cfg[key]
     for key, value in (cfg.get("overrides") or {}).items():

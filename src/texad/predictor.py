@@ -96,6 +96,7 @@ class Predictor:
         checkpoint, saved = load_checkpoint_config(self.ckpt_file)
         run_cfg = OmegaConf.create(saved)
         run_cfg["paths"] = cfg.paths
+        run_cfg["feature_cache"] = cfg.get("feature_cache")
         datamodule, method = build(run_cfg)
         method.load_method_state(checkpoint["state_dict"])
         self.device = pick_device(str(cfg.get("device", "auto")))

@@ -140,7 +140,6 @@ class AnomalyDataModule(L.LightningDataModule):
         setting: str = "standard",
         seed: int = 0,
         name: str = "dataset",
-        cache_features: bool = False,
     ) -> None:
         super().__init__()
         if setting not in SETTINGS:
@@ -154,7 +153,6 @@ class AnomalyDataModule(L.LightningDataModule):
         self.val_fraction, self.val_synthetic = val_fraction, val_synthetic
         self.val_copies, self.val_defects = _check_val_generators(val_copies, val_defects)
         self.setting, self.seed, self.name = setting, seed, name
-        self.cache_features = cache_features  # methods may reuse frozen training features across epochs
         self.views = None  # set by methods that need superpixel views (Sp-CFA)
         self.split: SampleSplit | None = None
         self.train_samples: list[Sample] = []

@@ -1,7 +1,8 @@
 """Command-line tools around the entry points (`python -m texad.tools.<name>`): `results` (the results
-table), `compare` (sweeps, paired comparisons), `bench` (speed and memory), `protocol_check` (does
-validation rank like test), `contact_sheet` (the test normals of a set), `clustering_study` (label-free
-choices of the clustering method), `image_score_study` (CFA's image score chosen on validation); `sweep`
+table), `compare` (sweeps, paired comparisons), `bench` (speed and memory), `profile_fit` (CFA's fit per
+stage), `cache` (the shared feature cache: info, clear), `protocol_check` (does validation rank like
+test), `contact_sheet` (the test normals of a set), `clustering_study` (label-free choices of the clustering
+method), `image_score_study` (CFA's image score chosen on validation); `sweep`
 holds Hydra's multirun callbacks. Tools may import everything below them; nothing in texad imports a tool."""
 
 from __future__ import annotations

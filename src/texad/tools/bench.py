@@ -2,7 +2,11 @@
 
 Each method is measured in its own subprocess (so its peak RSS is its own) on real embedded images:
 training images/s (an epoch after the memory bank is built), inference images/s, and the ratio of
-inference time to the bare backbone forward pass on the same batch. Pixel-metric time is measured
+inference time to the bare backbone forward pass on the same batch. Each method gets a fresh feature
+cache (`texad.feature_store`) in a temp folder, so its first pass over an image computes the backbone
+and later epochs read it; `backbone_s` gives the forward on the test batch computed (`no_cache`) and
+read from the warm cache (`cache`), and inference is timed both ways (`inference_over_backbone` always
+computes the backbone: the method's own cost). Pixel-metric time is measured
 on synthetic maps of the requested size; α re-fusion time per point where Sp-CFA exists.
 
 ``--fca-core`` adds the FCA core alone (``texad.methods.fca.FCA``, one image per call) on random
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from texad.backbones import FrozenLayers
 from texad.methods.cfa.fusion import time_refusion
 from texad.methods.components.fca import FCA
 from texad.methods.components.nearest import search_chunk_rows
@@ -116,6 +121,7 @@ def measure_method(
             *([f"method.epochs={epochs}"] if method != "fca" else []),
             *extra,
             f"paths.output_dir={out}",
+            f"feature_cache.dir={out}/features",
         ],
     )
     L.seed_everything(0)
@@ -154,25 +160,54 @@ def measure_method(
     batch_data = next(iter(datamodule.test_dataloader()))
     batch_data = L.pytorch.utilities.move_data_to_device(batch_data, device)
     backbone = model.model.backbone
+    frozen = [m for m in model.modules() if isinstance(m, FrozenLayers) and m.feature_store is not None]
+    store = frozen[0].feature_store if frozen else None
+
+    def uncached(fn):
+        """`fn` with every frozen network of the model computing its maps (the store detached)."""
+        def run():
+            for m in frozen:
+                m.feature_store = None
+            try:
+                fn()
+            finally:
+                for m in frozen:
+                    m.feature_store = store
+        return run
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def backbone_forward():
+    def backbone_cached():
         with torch.inference_mode():
             backbone(batch_data.image)
         sync()
 
-    def inference():
+    def inference_cached():
         with torch.inference_mode():
             model.predict_maps(batch_data)
         sync()
 
+    backbone_forward, inference = uncached(backbone_cached), uncached(inference_cached)
     floor = _exact_search_floor(model, batch_data.image)
-    timed = [backbone_forward, inference] + ([floor[0]] if floor else [])
-    for fn in timed:  # warm-up
+    pad = int(getattr(getattr(model, "model", None), "input_padding", 0) or 0)
+    if floor and pad:  # CFA's own frozen forward runs on the input padded by method.input_padding
+
+        padded = torch.nn.functional.pad(batch_data.image, (pad,) * 4, mode=model.model.input_padding_mode
+                                         if model.model.input_padding_mode != "zeros" else "constant")
+
+        def backbone_padded():
+            with torch.inference_mode():
+                backbone.compute(padded)
+            sync()
+    timed = [backbone_forward, inference] + ([floor[0]] if floor else []) + ([backbone_padded] if floor and pad else [])
+    if store is not None:
+        timed += [backbone_cached, inference_cached]
+    n_floor = 1 + bool(floor and pad) if floor else 0
+    for fn in timed:  # warm-up (and fills the cache for the batch)
         fn()
+    backbone_cached()
     medians = _interleaved_median_times(timed, repeats)
     t_backbone, t_infer = medians[0], medians[1]
     n = len(batch_data)
@@ -182,12 +217,22 @@ def measure_method(
         inference_over_backbone=round(t_infer / t_backbone, 3),
         peak_rss_mb=round(_peak_rss_mb(), 1),
     )
+    result["backbone_s"] = {"no_cache": round(t_backbone, 4)}
+    if store is not None:
+        result["backbone_s"]["cache"] = round(medians[-2], 4)
+        result["inference_s"] = {"no_cache": round(t_infer, 4), "cache": round(medians[-1], 4)}
+        result["feature_cache"] = store.stats()
     if floor:
+        floor_ratio = medians[2] / t_backbone
         result["exact_search"] = {
             **floor[1],
-            "matmul_over_backbone": round(medians[2] / t_backbone, 3),
+            "matmul_over_backbone": round(floor_ratio, 3),
+            "inference_over_floor": round(t_infer / (t_backbone + medians[2]), 3),
+            **({"padded_backbone_over_backbone": round(medians[3] / t_backbone, 3),
+                "inference_over_padded_floor": round(t_infer / (medians[3] + medians[2]), 3)} if n_floor == 2 else {}),
             "note": "time of the bare query x centroid products alone (any exact global search computes them), "
-            "as a multiple of the backbone forward",
+            "as a multiple of the backbone forward; inference_over_floor: inference over (backbone + products); "
+            "inference_over_padded_floor: over (the backbone on CFA's padded input, method.input_padding, + products)",
         }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

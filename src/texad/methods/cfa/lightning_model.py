@@ -21,7 +21,6 @@ from texad.data.batch import Batch
 from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.methods.cfa.feature_cache import FrozenFeatureCache, feature_key
 from texad.methods.cfa.torch_model import CFAModel
 from texad.methods.cfa.view_cache import ViewCache, state_digest, view_description
 from texad.methods.components.image_score import image_score as image_score_of
@@ -115,6 +114,7 @@ class CFA(AnomalyModule):
         self._cached_maps: dict[str, dict[str, torch.Tensor]] = {}
         self._split_map_keys: dict[str, str] = {}
         self._computed_maps: dict[str, dict[str, torch.Tensor]] = {}
+        self._calibrated_at: int | None = None
 
     # --- superpixel views requested from the datamodule -----------------------------------------
     @property
@@ -126,7 +126,7 @@ class CFA(AnomalyModule):
     ) -> None:
         """Give the datamodule a picklable SLIC + mosaic builder; compute the views' cache keys.
 
-        `cache_dir` holds superpixels, trained views and frozen features; `output_dir` (the run dir)
+        `cache_dir` holds superpixels and trained views; `output_dir` (the run dir)
         gets view_cache.json; `run_description` (`texad.methods.cfa.view_cache.run_description`) is what of the
         run decides a trained view, for the cache keys.
         """
@@ -157,7 +157,8 @@ class CFA(AnomalyModule):
     def prepare_fit(self, datamodule: Any) -> bool:
         """Load cached views and freeze them; fit only when some view is not cached."""
         self.frozen_views = set()
-        self._setup_feature_cache(datamodule)
+        store = self.model.backbone.feature_store
+        self._store_start = store.stats() if store is not None else {}
         if self._cache is None:
             return True
         heads = {}
@@ -174,55 +175,12 @@ class CFA(AnomalyModule):
         log.info("view cache: %s", ", ".join(f"{v} {h} ({self.view_keys[v][:10]})" for v, h in heads.items()))
         return len(self.frozen_views) < len(self.model.view_names)
 
-    def _setup_feature_cache(self, datamodule: Any) -> None:
-        """With dataset.cache_features, memoise frozen training features (in memory and on disk)."""
-        self._feature_cache = None
-        if not getattr(datamodule, "cache_features", False):
-            return
-        if self._cache_root is None:
-            raise TexadError("dataset.cache_features=true needs the run's cache dir: call "
-                             "attach_views(datamodule, cache_dir=..., output_dir=..., run_description=...) first "
-                             "(texad.pipeline.build does)")
-
-        datamodule.setup("fit")
-        description = {
-            "train": [str(s.path) for s in datamodule.train_samples],
-            "image_size": datamodule.image_size,
-            "mean": datamodule.mean,
-            "std": datamodule.std,
-            "backbone": self._backbone_description,
-            "pool": self.hparams.pool,
-            "features_version": 2,  # bump when CFAModel.features changes (2: pooled before the padding crop)
-            "input_padding": [self.hparams.input_padding, self.hparams.input_padding_mode],
-            "views": {v: self.model.region_sizes.get(v) for v in self.model.view_names},
-            "slic": dict(self.hparams.slic or {}),
-        }
-        path = self._cache_root / "features" / f"{feature_key(description)}.pt"
-        self._feature_cache = FrozenFeatureCache(len(datamodule.train_samples), path)
-
-    def _fit_validation_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
-        """Frozen features for scoring. Validation during a fit with dataset.cache_features scores the same
-        images every epoch (a fixed, seeded split): their features are computed on the first pass and kept
-        in memory for this fit (issue 11: validation every epoch must be cheap). Exact: the same tensors."""
-        trainer = self._trainer
-        memo = getattr(self, "_val_feature_memo", None)
-        if (memo is None or trainer is None or trainer.state.fn != "fit"
-                or not (trainer.validating or trainer.sanity_checking)):
-            return self._feats(batch, views)
-        return memo.features(batch.extra["index"], views, lambda: self._feats(batch, views))
-
-    def _train_feats(self, batch: Batch, views: list[str]) -> dict[str, torch.Tensor]:
-        cache = getattr(self, "_feature_cache", None)
-        if cache is None:
-            return self._feats(batch, views)
-        return cache.features(batch.extra["index"], views, lambda: self._feats(batch, views))
-
     def finish_fit(self, datamodule: Any) -> None:
-        """Store the views this fit trained (and the frozen features, when cached)."""
-        cache = getattr(self, "_feature_cache", None)
-        if cache is not None:
-            cache.save()
-            self.fit_info["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
+        """Store the views this fit trained."""
+        store = self.model.backbone.feature_store  # frozen features: texad.feature_store, below every method
+        if store is not None:  # this fit's lookups
+            start = getattr(self, "_store_start", {})
+            self.fit_info["feature_cache"] = {k: v - start.get(k, 0) for k, v in store.stats().items()}
         if self._cache is None:
             return
         for v in self.model.view_names:
@@ -242,10 +200,7 @@ class CFA(AnomalyModule):
 
     # --- fit -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        self._val_feature_memo = None
-        if getattr(self, "_feature_cache", None) is not None:
-
-            self._val_feature_memo = FrozenFeatureCache(0)  # in memory only; filled by the first validation
+        self._calibrated_at = None  # optimiser step of the last calibration in this fit
         if self.model.banks_built:
             return  # resumed from a checkpoint: the bank is part of it
         dm = self.trainer.datamodule
@@ -264,13 +219,17 @@ class CFA(AnomalyModule):
         this device), for the heads as they are now; a no-op unless `calibration="location"`."""
         if self.model.calibration != "location":
             return
-        self.model.heads["org"].calibrate(self._train_feats(batch, ["org"])["org"] for batch in batches)
+        self.model.heads["org"].calibrate(self._feats(batch, ["org"])["org"] for batch in batches)
 
     def _calibrate(self) -> None:
-        """`calibrate` on the fit's training normals."""
+        """`calibrate` on the fit's training normals; skipped when no optimiser step ran since the last one
+        (the fit's end right after the last epoch's validation): the same heads give the same scale."""
+        if self.model.calibration == "none" or self._calibrated_at == self.trainer.global_step:
+            return
         strategy = self.trainer.strategy
         self.calibrate(strategy.batch_to_device(batch, self.device)
                        for batch in self.trainer.datamodule.fit_statistics_dataloader())
+        self._calibrated_at = self.trainer.global_step
 
     def on_validation_epoch_start(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
@@ -278,15 +237,11 @@ class CFA(AnomalyModule):
         self._start_split("val")
 
     def on_fit_end(self) -> None:
-        memo = getattr(self, "_val_feature_memo", None)
-        if memo is not None:
-            self.fit_info["validation_feature_cache"] = {"hits": memo.hits, "misses": memo.misses}
-        self._val_feature_memo = None
         self._calibrate()  # the last epoch's heads (a selected epoch's come with its checkpoint)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         trainable = [v for v in self.model.view_names if v not in self.frozen_views]
-        loss, parts = self.model.loss(self._train_feats(batch, trainable))
+        loss, parts = self.model.loss(self._feats(batch, trainable))
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
         for v, p in parts.items():
             self.log(f"train/loss_{v}", p, on_step=False, on_epoch=True, batch_size=len(batch))
@@ -372,7 +327,7 @@ class CFA(AnomalyModule):
                     views[v] = torch.stack([cached[p] for p in batch.path]).to(batch.image.device)
         todo = [v for v in self.model.view_names if v not in views]
         if todo:
-            views.update(self.model.view_maps(self._fit_validation_feats(batch, todo), size, batch.superpixels))
+            views.update(self.model.view_maps(self._feats(batch, todo), size, batch.superpixels))
             if self._split:
                 for v in todo:
                     self._computed_maps[v].update(zip(batch.path, views[v].detach().float().cpu()))

@@ -61,7 +61,8 @@ class LayerView(FrozenLayers):
             probe = self(torch.zeros(1, 3, 128, 128))
         self.channels = [p.shape[1] for p in probe]
         self.strides = [128 // p.shape[-1] for p in probe]
-        self.geometry = LayerGeometry(self.forward, self.strides, lambda: self.net, f"{arch} layers {self.layers}",
+        self.feature_store = backbone.feature_store  # the backbone's store (texad.feature_store), keyed by this view
+        self.geometry = LayerGeometry(self.compute, self.strides, lambda: self.net, f"{arch} layers {self.layers}",
                                       backbone.geometry.alignment, backbone.geometry.cache_dir)
 
     def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
