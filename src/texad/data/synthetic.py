@@ -18,7 +18,8 @@ Widths and contrasts were raised in issue 28 so every type is visible at 1× on 
 (`python -m texad.tools.defect_visibility`, `python -m texad.tools.contact_sheet --defects`).
 - hole: a dark irregular blob, darkest in its centre, ringed by a bright rim.
 - foreign: an irregular patch of the image's own texture magnified 2-3x, turned 90 degrees and given
-  another mean and contrast, i.e. a coarser, differently oriented material with a hard outline.
+  another mean (0.6-1 std away) and contrast, i.e. a coarser, differently oriented material with a hard
+  outline.
 
 Validation-only generators (`VALIDATION_ONLY`), different in kind from every test family above, so
 validation does not reward a method for knowing the test defects (the embedded test sets are made
@@ -267,7 +268,8 @@ def _paint_foreign(surface: Surface) -> list[Layer]:
     inside = alpha > 0.5
     m_mean = material[inside].mean(axis=0) if inside.any() else surface.mean
     m_std = np.maximum(material[inside].std(axis=0), 1.0) if inside.any() else surface.std
-    new_mean = surface.mean + rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.7) * surface.std
+    # issue 28: a shift of 0.3-0.7 std let a patch pass for mortar or a brick (visibility 0.23 on brick)
+    new_mean = surface.mean + rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0) * surface.std
     new_std = surface.std * rng.uniform(0.5, 0.8)
     target = (material - m_mean) / m_std * new_std + new_mean
     return [(alpha, target)]
