@@ -73,3 +73,10 @@ def test_main_prints_tables_and_writes_the_picture(tmp_path, capsys, monkeypatch
     assert image is not None and image.shape[0] > 256 and image.shape[1] > 3 * 256
     with pytest.raises(TexadError, match="unknown layouts"):
         split_shift.main(["--layouts", "7"])
+
+
+def test_grid_crops_at_stride_one_are_every_position():
+    photo = embedded.load_texture("brick")
+    crops = split_shift.grid_crops(photo, "test/good", 3, 1)
+    assert len(crops) == sum(embedded.crop_positions(embedded.REGIONS["test"])) == 196
+    assert len(split_shift.grid_crops(photo, "test/good", 3, 8)) == 4 * 7

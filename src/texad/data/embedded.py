@@ -3,9 +3,9 @@
 - Texture sets ("brick", "grass", "gravel"): crops of scikit-image's 512×512 sample photos with
   synthetic defects (`texad.data.synthetic`) and exact masks. Version 3 (issue 28) cuts training,
   validation and test crops from disjoint rectangles of each photo (`REGIONS`) laid out so that every
-  split spans every row of the photo: the photos are taken at an angle (brick's courses and grass's
-  blades grow coarser down the photo, and across it), and version 2's horizontal bands (`LAYOUTS[2]`:
-  train rows 0–183, test rows 344–511) put that scale shift between training and test. Columns
+  split spans every row of the photo: the photos are taken at an angle (brick's courses grow coarser
+  down the photo and across it, grass's contrast rises down it), and version 2's horizontal bands
+  (`LAYOUTS[2]`: train rows 0–183, test rows 344–511) put that shift between training and test. Columns
   L = 0–175, C = 192–319, R = 336–511 and four row blocks of 128 px (R0..R3):
 
   | split | rectangles | crop positions (128² crops) | 128² crops of area, × 4 flips |

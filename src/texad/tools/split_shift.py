@@ -20,7 +20,8 @@ scale and contrast statistics is what the issue-28 goal (≤ 0.55) is about. `--
 layout's rectangles on each photo.
 
     python -m texad.tools.split_shift                                  # v2 and v3, 200 crops per split
-    python -m texad.tools.split_shift --layouts 3 --crops 400 --picture docs/split_regions.png
+    python -m texad.tools.split_shift --layouts 3 --stride 1                # every crop position: exact
+    python -m texad.tools.split_shift --picture docs/split_regions.png
 """
 
 from __future__ import annotations
@@ -95,12 +96,25 @@ def split_crops(photo: np.ndarray, name: str, folder: str, layout: int, n: int, 
     return crops
 
 
-def measure(name: str, layout: int, n: int, seed: int = 0) -> dict[str, float]:
-    """KS distance train vs test crops per statistic, and `worst` over `SHIFT_STATISTICS`."""
+def grid_crops(photo: np.ndarray, folder: str, layout: int, stride: int) -> list[np.ndarray]:
+    """Every crop whose corner lies on a `stride` grid of each of the folder's rectangles (1: every position)."""
+    side = embedded.CROP_SIDE
+    return [photo[y : y + side, x : x + side] for top, bottom, left, right in embedded.region_of(folder, layout)
+            for y in range(top, bottom - side + 1, stride) for x in range(left, right - side + 1, stride)]
+
+
+def measure(name: str, layout: int, n: int, seed: int = 0, stride: int | None = None) -> dict[str, float]:
+    """KS distance train vs test crops per statistic, and `worst` over `SHIFT_STATISTICS`.
+
+    Crops: the generator's first `n` draws per split, or with `stride` every crop on that grid of corners
+    (stride 1 is the exact distribution the generator draws from: its corners are uniform over positions).
+    """
     photo = embedded.load_texture(name)
     stats = {}
     for folder in ("train/good", "test/good"):
-        values = [crop_statistics(c) for c in split_crops(photo, name, folder, layout, n, seed)]
+        crops = (split_crops(photo, name, folder, layout, n, seed) if stride is None
+                 else grid_crops(photo, folder, layout, stride))
+        values = [crop_statistics(c) for c in crops]
         stats[folder] = {k: np.array([v[k] for v in values]) for k in STATISTICS}
     ks = {k: ks_distance(stats["train/good"][k], stats["test/good"][k]) for k in STATISTICS}
     ks["worst"] = max(ks[k] for k in SHIFT_STATISTICS)
@@ -161,20 +175,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--textures", nargs="+", default=list(embedded.TEXTURES))
     parser.add_argument("--crops", type=int, default=200, help="crops drawn per split (the generator's first n)")
     parser.add_argument("--seed", type=int, default=0, help="the sets' generation_seed")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="instead of --crops draws: every crop position on this grid (1 = all of them)")
     parser.add_argument("--picture", default=None, help="write the layouts' rectangles on each photo to this PNG")
     args = parser.parse_args(argv)
     unknown = [v for v in args.layouts if v not in embedded.LAYOUTS]
     if unknown:
         raise TexadError(f"unknown layouts {unknown}; known: {sorted(embedded.LAYOUTS)}")
-    if args.crops < 2:
-        raise TexadError(f"--crops must be at least 2, got {args.crops}")
+    if args.crops < 2 or (args.stride is not None and args.stride < 1):
+        raise TexadError(f"--crops must be at least 2 and --stride at least 1, got {args.crops}, {args.stride}")
 
-    print(f"KS distance, training vs test crops ({args.crops} per split; worst over {', '.join(SHIFT_STATISTICS)})")
+    source = f"{args.crops} draws per split" if args.stride is None else f"every crop position, stride {args.stride}"
+    print(f"KS distance, training vs test crops ({source}; worst over {', '.join(SHIFT_STATISTICS)})")
     print("| photo | layout | " + " | ".join(STATISTICS) + " | worst | medians train → test (sigma, period, contrast) |")
     print("|---|---|" + "---|" * (len(STATISTICS) + 2))
     for name in args.textures:
         for layout in args.layouts:
-            ks = measure(name, layout, args.crops, args.seed)
+            ks = measure(name, layout, args.crops, args.seed, args.stride)
             medians = ", ".join(f"{ks[f'train_{k}']:.2f} → {ks[f'test_{k}']:.2f}" for k in SHIFT_STATISTICS)
             cells = " | ".join(f"{ks[k]:.2f}" for k in STATISTICS)
             print(f"| {name} | v{layout} | {cells} | **{ks['worst']:.2f}** | {medians} |", flush=True)
