@@ -80,3 +80,8 @@ def test_grid_crops_at_stride_one_are_every_position():
     crops = split_shift.grid_crops(photo, "test/good", 3, 1)
     assert len(crops) == sum(embedded.crop_positions(embedded.REGIONS["test"])) == 196
     assert len(split_shift.grid_crops(photo, "test/good", 3, 8)) == 4 * 7
+
+
+def test_main_rejects_unknown_photos():
+    with pytest.raises(TexadError, match="brick, grass, gravel"):
+        split_shift.main(["--textures", "marble"])

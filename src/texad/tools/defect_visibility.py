@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the set's generation_seed")
     parser.add_argument("--ring", type=int, default=None, help="ring width in px (default size/32)")
     args = parser.parse_args(argv)
+    if [t for t in args.textures if t not in embedded.TEXTURES]:
+        raise TexadError(f"--textures must come from {', '.join(embedded.TEXTURES)}, got {args.textures}")
     unknown = [t for t in args.types if t not in DEFECT_TYPES]
     if unknown or args.n < 1:
         raise TexadError(f"--types must come from {', '.join(DEFECT_TYPES)} (got {unknown}) and --n ≥ 1")

@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="instead of --crops draws: every crop position on this grid (1 = all of them)")
     parser.add_argument("--picture", default=None, help="write the layouts' rectangles on each photo to this PNG")
     args = parser.parse_args(argv)
+    if [t for t in args.textures if t not in embedded.TEXTURES]:
+        raise TexadError(f"--textures must come from {', '.join(embedded.TEXTURES)}, got {args.textures}")
     unknown = [v for v in args.layouts if v not in embedded.LAYOUTS]
     if unknown:
         raise TexadError(f"unknown layouts {unknown}; known: {sorted(embedded.LAYOUTS)}")
