@@ -117,20 +117,68 @@ def test_texture_set_reads_with_mvtec_reader(brick_set):
     assert split.defect_types == sorted(DEFECT_TYPES)
 
 
-def test_splits_are_cut_from_disjoint_bands_of_the_photo(monkeypatch):
-    # a "photo" whose every pixel holds its own row index: a crop tells which rows it came from
-    rows = np.repeat(np.arange(embedded.SOURCE_SIDE, dtype=np.int32)[:, None], embedded.SOURCE_SIDE, axis=1)
+def _pixels_seen(folders, n=60):
+    """Photo pixels (flat indices) that the first `n` crops of each folder cover, per split."""
+    side = embedded.SOURCE_SIDE
+    # a "photo" whose every pixel holds its own flat index: a crop tells which pixels it came from
+    photo = np.arange(side * side, dtype=np.float64).reshape(side, side)
     seen: dict[str, set[int]] = {}
-    for folder in ("train/good", "val/good", "test/good", "test/hole"):
-        for index in range(40):
+    for folder in folders:
+        for index in range(n):
             rng = embedded._image_rng(0, "gravel", folder, index)
-            crop = embedded._random_crop(rows.astype(np.float32), embedded.region_of(folder), embedded.CROP_SIDE, rng)
-            seen.setdefault(folder.split("/")[0], set()).update(np.unique(crop).tolist())
-    bands = {k: (min(v), max(v)) for k, v in seen.items()}
-    assert bands["train"][1] < bands["val"][0] and bands["val"][1] < bands["test"][0], bands
-    for name, (lo, hi) in bands.items():
-        start, stop = embedded.REGIONS["test" if name == "test" else f"{name}/good"]
-        assert start <= lo and hi < stop, (name, lo, hi)
+            crop = embedded._random_crop(photo, embedded.region_of(folder), embedded.CROP_SIDE, rng)
+            seen.setdefault(folder.split("/")[0], set()).update(np.unique(crop).astype(np.int64).tolist())
+    return seen
+
+
+def test_splits_are_disjoint_in_pixels_and_each_spans_every_row():
+    seen = _pixels_seen(("train/good", "val/good", "test/good", "test/hole"))
+    assert not seen["train"] & seen["val"] and not seen["train"] & seen["test"] and not seen["val"] & seen["test"]
+    side = embedded.SOURCE_SIDE
+    for name, pixels in seen.items():
+        boxes = embedded.REGIONS["test" if name == "test" else f"{name}/good"]
+        inside = np.zeros((side, side), bool)
+        for top, bottom, left, right in boxes:
+            inside[top:bottom, left:right] = True
+        assert inside.any(axis=1).all(), name  # the split's rectangles cover every row of the photo
+        assert inside.ravel()[sorted(pixels)].all(), name  # and its crops stay inside them
+        rows = np.array(sorted(pixels)) // side
+        assert set((rows // 128).tolist()) == {0, 1, 2, 3}, name  # 60 crops reach every quarter of the rows
+        assert len(set(rows.tolist())) > 0.9 * side, name
+
+
+def test_layout_rectangles_are_disjoint_between_splits_in_every_version():
+    for layout, regions in embedded.LAYOUTS.items():
+        owner = np.full((embedded.SOURCE_SIDE, embedded.SOURCE_SIDE), -1)
+        for k, boxes in enumerate(regions.values()):
+            for top, bottom, left, right in boxes:
+                assert (owner[top:bottom, left:right] == -1).all(), (layout, boxes)
+                owner[top:bottom, left:right] = k
+        assert embedded.crop_positions(regions["test"]) and min(embedded.crop_positions(regions["test"])) > 0
+
+
+def test_crop_corner_is_uniform_over_every_position():
+    boxes = ((0, 130, 0, 129), (200, 328, 300, 430))  # 3 × 2 and 1 × 3 positions
+    assert embedded.crop_positions(boxes) == [6, 3]
+    rng = np.random.default_rng(0)
+    corners = [embedded.crop_corner(boxes, rng) for _ in range(9000)]
+    expected = {(y, x) for y in range(3) for x in range(2)} | {(200, x) for x in range(300, 303)}
+    counts = {c: corners.count(c) for c in set(corners)}
+    assert set(counts) == expected
+    assert all(abs(n - 1000) < 150 for n in counts.values()), counts
+    with pytest.raises(TexadError, match="no 128 px crop fits"):
+        embedded.crop_corner(((0, 100, 0, 512),), rng)
+
+
+def test_version_bump_rebuilds_a_version_2_set(tmp_path):
+    folder = ensure_texture_set("gravel", tmp_path, **SMALL)
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["generator_version"] == embedded.GENERATOR_VERSION == 3
+    marker["generator_version"] = 2
+    (folder / MARKER).write_text(json.dumps(marker))
+    assert embedded._marker_params(folder, embedded.GENERATOR_VERSION) is None  # a v2 set is not reused
+    ensure_texture_set("gravel", tmp_path, **SMALL)
+    assert json.loads((folder / MARKER).read_text())["generator_version"] == 3
 
 
 def test_validation_normals_of_the_set_replace_the_hold_out(tmp_path):

@@ -17,16 +17,16 @@ KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc", "
 @pytest.mark.slow
 def test_cfa_localises_better_than_with_a_random_backbone(tiny_cfg, tmp_path):
     # Measured at this size (gravel, 64², 8 training images and 2 validation normals of their own, up to 3
-    # epochs, validation-selected epoch, default border handling; embedded sets v2, aligned maps): pretrained
-    # backbone P-AUROC 0.724; the same training on a random backbone (backbone.pretrained=false) 0.564. The bar
-    # sits between the two. At 64² the memory bank alone reaches 0.704: that CFA's *training* helps is the
-    # next test's job.
+    # epochs, validation-selected epoch, default border handling; embedded sets v3, aligned maps): pretrained
+    # backbone P-AUROC 0.625; the same training on a random backbone (backbone.pretrained=false) 0.362 (v2:
+    # 0.724 / 0.564). The bar sits between the two. At 64² the memory bank alone reached 0.704 on v2: that
+    # CFA's *training* helps is the next test's job.
     overrides = ("dataset=textures/gravel", "dataset.n_train=8", "method.epochs=3")
     record = train(tiny_cfg(*overrides))
-    assert record["pixel_auroc"] >= 0.64
+    assert record["pixel_auroc"] >= 0.5
     assert all(record[k] is not None for k in KEYS)
     random = train(compose_cfg("train", [*TINY, *overrides, "backbone.pretrained=false"], tmp_path / "random"))
-    assert random["pixel_auroc"] < 0.64
+    assert random["pixel_auroc"] < 0.5
 
 
 @pytest.mark.slow

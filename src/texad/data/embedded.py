@@ -1,24 +1,30 @@
 """Data sets that ship with texad: no download, written once into a cache folder in MVTec AD layout.
 
 - Texture sets ("brick", "grass", "gravel"): crops of scikit-image's 512×512 sample photos with
-  synthetic defects (`texad.data.synthetic`) and exact masks. Version 2 (issue 20) cuts training,
-  validation and test crops from disjoint parts of each photo (`REGIONS`: horizontal bands over the full
-  width, 16 rows apart), so no test image shares a pixel with a training or validation image:
+  synthetic defects (`texad.data.synthetic`) and exact masks. Version 3 (issue 28) cuts training,
+  validation and test crops from disjoint rectangles of each photo (`REGIONS`) laid out so that every
+  split spans every row of the photo: the photos are taken at an angle (brick's courses grow coarser
+  down the photo and across it, grass's contrast rises down it), and version 2's horizontal bands
+  (`LAYOUTS[2]`: train rows 0–183, test rows 344–511) put that shift between training and test. Columns
+  L = 0–175, C = 192–319, R = 336–511 and four row blocks of 128 px (R0..R3):
 
-  | split | photo rows | crop positions (128² crops) | 128² crops of area, × 4 flips |
+  | split | rectangles | crop positions (128² crops) | 128² crops of area, × 4 flips |
   |---|---|---|---|
-  | train/good | 0–183 | 57 × 385 | 5.75 |
-  | val/good | 200–327 | 1 × 385 | 4 |
-  | test (good and defective) | 344–511 | 41 × 385 | 5.25 |
+  | train/good | L×R0, R×R1, L×R2, L×R3 | 4 × 1 × 49 | 5.5 (4 without overlap) |
+  | val/good | C × all rows | 385 × 1 | 4 |
+  | test (good and defective) | R×R0, L×R1, R×R2, R×R3 | 4 × 1 × 49 | 5.5 (4 without overlap) |
 
-  How much a split can vary: its band holds the area of 4–6 non-overlapping crops, and each crop is
-  also flipped left-right and up-down at random (no rotation: brick's courses and grass's blades have a
-  direction); images of one split overlap in content, so 64 test normals are not 64 independent views
-  of the surface (the bootstrap intervals of `texad.metrics.bootstrap` treat them as exchangeable
-  draws of this band). Crops are 128 source pixels, resized to `image_size` (256 by default: the
-  texture at twice the photo's scale; 128 keeps it 1:1). Each image has its own generator seeded by
-  (seed, texture, folder, index), so a set is reproducible byte for byte and raising one count leaves
-  the other images unchanged.
+  No test image shares a pixel with a training or validation image (columns are 16 px apart; row blocks
+  of one column touch, so a test crop and a training crop may be neighbours). `python -m
+  texad.tools.split_shift` measures the shift (KS distance of scale and contrast statistics of training
+  vs test crops, docs/validation.md). How much a split can vary: it holds the area of 4–6
+  non-overlapping crops, and each crop is also flipped left-right and up-down at random (no rotation:
+  brick's courses and grass's blades have a direction); images of one split overlap in content, so 64
+  test normals are not 64 independent views of the surface (the bootstrap intervals of
+  `texad.metrics.bootstrap` treat them as independent draws, so they are too narrow). Crops are 128
+  source pixels, resized to `image_size` (256 by default: the texture at twice the photo's scale; 128
+  keeps it 1:1). Each image has its own generator seeded by (seed, texture, folder, index), so a set is
+  reproducible byte for byte and raising one count leaves the other images unchanged.
 - ELPV: the electroluminescence solar-cell images of the `elpv-dataset` package, image labels only.
 
 Each set is built in a temporary folder next to its target, marked complete with a JSON file holding
@@ -49,11 +55,27 @@ from texad.errors import TexadError
 TEXTURES = ("brick", "grass", "gravel")
 CELL_TYPES = ("mono", "poly", "all")
 MARKER = ".texad_complete.json"
-GENERATOR_VERSION = 2  # bump when generated content changes, so old caches are rebuilt
+GENERATOR_VERSION = 3  # of the texture sets: bump when their content changes, so old caches are rebuilt
+ELPV_VERSION = 2  # ELPV's own (its content has not changed since version 2, so its caches stay valid)
 CROP_SIDE = 128  # source pixels per crop, resized to image_size
 SOURCE_SIDE = 512  # the sample photos' side
-#: photo rows [start, stop) each split's crops come from (full width; disjoint, 16 rows apart)
-REGIONS = {"train/good": (0, 184), "val/good": (200, 328), "test": (344, 512)}
+Box = tuple[int, int, int, int]  # photo rows [top, bottom) and columns [left, right)
+_L, _C, _R = (0, 176), (192, 320), (336, 512)  # version 3's column blocks
+_ROWS = tuple((top, top + 128) for top in range(0, 512, 128))  # version 3's row blocks
+#: version 3: the column block training takes in each row block (test takes the other one). Of the 16
+#: assignments, the one with the smallest worst KS distance over the three photos (split_shift, every crop
+#: position: 0.32 / 0.50 / 0.32; the alternating L, R, L, R gives 0.36 / 0.55 / 0.61, failing on gravel)
+_TRAIN_SIDES = ("L", "R", "L", "L")
+#: each version's rectangles per split (disjoint between splits); version 2 is kept for split_shift's comparison
+LAYOUTS: dict[int, dict[str, tuple[Box, ...]]] = {
+    2: {"train/good": ((0, 184, 0, 512),), "val/good": ((200, 328, 0, 512),), "test": ((344, 512, 0, 512),)},
+    3: {
+        "train/good": tuple((*rows, *(_R if side == "R" else _L)) for rows, side in zip(_ROWS, _TRAIN_SIDES)),
+        "val/good": ((0, 512, *_C),),
+        "test": tuple((*rows, *(_L if side == "R" else _R)) for rows, side in zip(_ROWS, _TRAIN_SIDES)),
+    },
+}
+REGIONS = LAYOUTS[GENERATOR_VERSION]
 ELPV_DEFECT_TYPE = "defective"
 
 
@@ -70,7 +92,7 @@ def ensure_texture_set(
 ) -> Path:
     """`<root>/<name>` in MVTec AD layout (plus `val/good/`), built if missing or made with other parameters.
 
-    Training, validation and test crops come from the photo's bands in `REGIONS` (module docstring);
+    Training, validation and test crops come from the photo's rectangles in `REGIONS` (module docstring);
     `n_val_good=0` writes no validation normals (the datamodule then holds training images out).
     """
     if name not in TEXTURES:
@@ -96,7 +118,9 @@ def ensure_texture_set(
         "defect_types": types,
         "seed": int(seed),
     }
-    return _materialise(Path(root).expanduser() / name, params, lambda tmp: _build_texture_set(tmp, params))
+    return _materialise(
+        Path(root).expanduser() / name, params, lambda tmp: _build_texture_set(tmp, params), GENERATOR_VERSION
+    )
 
 
 def ensure_elpv_set(
@@ -133,7 +157,7 @@ def ensure_elpv_set(
         "limit": None if limit is None else int(limit),
     }
     name = "elpv" if cell_type == "all" else f"elpv_{cell_type}"
-    return _materialise(Path(root).expanduser() / name, params, lambda tmp: _build_elpv_set(tmp, params))
+    return _materialise(Path(root).expanduser() / name, params, lambda tmp: _build_elpv_set(tmp, params), ELPV_VERSION)
 
 
 # --- texture sets -------------------------------------------------------------------------------
@@ -152,18 +176,35 @@ def _image_rng(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(words)
 
 
-def region_of(folder: str) -> tuple[int, int]:
-    """The photo rows a folder's crops come from (`REGIONS`; every test/<type> folder shares "test")."""
-    return REGIONS["test" if folder.startswith("test/") else folder]
+def region_of(folder: str, layout: int = GENERATOR_VERSION) -> tuple[Box, ...]:
+    """The photo rectangles a folder's crops come from (`LAYOUTS`; every test/<type> folder shares "test")."""
+    return LAYOUTS[layout]["test" if folder.startswith("test/") else folder]
 
 
-def _random_crop(source: np.ndarray, rows: tuple[int, int], image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """A CROP_SIDE crop inside photo rows [rows), at a random place, flipped at random, resized."""
-    top, bottom = rows
-    if source.shape[0] < bottom or bottom - top < CROP_SIDE or source.shape[1] < CROP_SIDE:
-        raise TexadError(f"texture photo of {source.shape[:2]} px cannot hold {CROP_SIDE} px crops in rows {rows}")
-    y = rng.integers(top, bottom - CROP_SIDE + 1)
-    x = rng.integers(0, source.shape[1] - CROP_SIDE + 1)
+def crop_positions(boxes: tuple[Box, ...], side: int = CROP_SIDE) -> list[int]:
+    """How many top-left corners of a `side` crop fit inside each box."""
+    return [max(0, b - t - side + 1) * max(0, r - l - side + 1) for t, b, l, r in boxes]
+
+
+def crop_corner(boxes: tuple[Box, ...], rng: np.random.Generator, side: int = CROP_SIDE) -> tuple[int, int]:
+    """A uniformly random top-left corner (y, x) among every `side` crop that fits inside one of `boxes`."""
+    counts = crop_positions(boxes, side)
+    if sum(counts) == 0:
+        raise TexadError(f"no {side} px crop fits inside the photo rectangles {boxes}")
+    k = int(rng.integers(sum(counts)))
+    for (top, _, left, right), count in zip(boxes, counts):
+        if k < count:
+            width = right - left - side + 1
+            return top + k // width, left + k % width
+        k -= count
+    raise AssertionError("unreachable")
+
+
+def _random_crop(source: np.ndarray, boxes: tuple[Box, ...], image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A CROP_SIDE crop inside one of the photo rectangles `boxes`, at a random place, flipped at random, resized."""
+    if any(source.shape[0] < b or source.shape[1] < r for _, b, _, r in boxes):
+        raise TexadError(f"texture photo of {source.shape[:2]} px does not hold the rectangles {boxes}")
+    y, x = crop_corner(boxes, rng)
     crop = source[y : y + CROP_SIDE, x : x + CROP_SIDE]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -185,16 +226,27 @@ def _build_texture_set(folder: Path, params: dict) -> None:
     for t in params["defect_types"]:
         (folder / "ground_truth" / t).mkdir(parents=True, exist_ok=True)
     for sub, index in tqdm(jobs, desc=f"texad: generating {name}", unit="img"):
-        rng = _image_rng(seed, name, sub, index)
-        image = _random_crop(source, region_of(sub), size, rng)
+        clean, image, mask = make_image(source, name, sub, index, size, seed)
         stem = f"{index:03d}"
-        if sub.endswith("/good"):
-            _write_png(folder / sub / f"{stem}.png", image)
-            continue
-        defect_type = sub.split("/", 1)[1]
-        image, mask = plant_defect(image, defect_type, rng)
         _write_png(folder / sub / f"{stem}.png", image)
-        _write_png(folder / "ground_truth" / defect_type / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+        if mask is not None:
+            _write_png(folder / "ground_truth" / sub.split("/", 1)[1] / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+
+
+def make_image(
+    source: np.ndarray, name: str, folder: str, index: int, image_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Image `index` of `folder` (e.g. "test/hole") of a set: (the clean crop, the image, its mask or None).
+
+    The one place an embedded image is made, so measurements (`texad.tools.defect_visibility`) see the
+    very crop a defect was planted into.
+    """
+    rng = _image_rng(seed, name, folder, index)
+    clean = _random_crop(source, region_of(folder), image_size, rng)
+    if folder.endswith("/good"):
+        return clean, clean, None
+    image, mask = plant_defect(clean, folder.split("/", 1)[1], rng)
+    return clean, image, mask
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -251,23 +303,23 @@ def _build_elpv_set(folder: Path, params: dict) -> None:
 # --- build once, atomically ---------------------------------------------------------------------
 
 
-def _marker_params(folder: Path) -> dict | None:
+def _marker_params(folder: Path, version: int) -> dict | None:
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if marker.get("generator_version") != GENERATOR_VERSION:
+    if marker.get("generator_version") != version:
         return None
     return marker.get("params")
 
 
-def _materialise(target: Path, params: dict, build: Callable[[Path], None]) -> Path:
-    """Build `target` with `build(tmp_folder)` unless it is already complete with `params`."""
-    if _marker_params(target) == params:
+def _materialise(target: Path, params: dict, build: Callable[[Path], None], version: int) -> Path:
+    """Build `target` with `build(tmp_folder)` unless it is already complete with `params` and `version`."""
+    if _marker_params(target, version) == params:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{target.name}.lock"):
-        if _marker_params(target) == params:  # another process built it while we waited
+        if _marker_params(target, version) == params:  # another process built it while we waited
             return target
         if target.exists() and not (target / MARKER).exists():
             raise TexadError(
@@ -278,7 +330,7 @@ def _materialise(target: Path, params: dict, build: Callable[[Path], None]) -> P
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             build(tmp)
-            marker = {"generator": __name__, "generator_version": GENERATOR_VERSION, "params": params}
+            marker = {"generator": __name__, "generator_version": version, "params": params}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-old-", dir=target.parent))

@@ -9,12 +9,17 @@ changed pixels). Defects stay `margin = max(2, 8% of the shorter side)` pixels a
 cover `MIN_AREA_FRACTION`..`MAX_AREA_FRACTION` of the image.
 
 Types (all sizes scale with the image, contrasts with the image's own standard deviation):
-- scratch: a thin smooth curved line, brighter or darker than the surface, tapering at both ends.
-- crack: a dark, jagged, thin random-walk line with one or two thinner branches.
-- stain: a soft-edged irregular ellipse of lowered contrast and shifted brightness (a smear).
+- scratch: a smooth curved line 2.5-4 px wide at 256², brighter or darker than the surface, tapering at both ends.
+- crack: a dark, jagged random-walk line 2-3 px wide at 256², with one or two thinner branches.
+- stain: a soft-edged irregular ellipse (2-4 % of the image) of lowered contrast and brightness shifted by
+  1.3-2 std (a smear).
+
+Widths and contrasts were raised in issue 28 so every type is visible at 1× on the three embedded photos
+(`python -m texad.tools.defect_visibility`, `python -m texad.tools.contact_sheet --defects`).
 - hole: a dark irregular blob, darkest in its centre, ringed by a bright rim.
 - foreign: an irregular patch of the image's own texture magnified 2-3x, turned 90 degrees and given
-  another mean and contrast, i.e. a coarser, differently oriented material with a hard outline.
+  another mean (0.6-1 std away) and contrast, i.e. a coarser, differently oriented material with a hard
+  outline.
 
 Validation-only generators (`VALIDATION_ONLY`), different in kind from every test family above, so
 validation does not reward a method for knowing the test defects (the embedded test sets are made
@@ -171,7 +176,7 @@ def fit_inside(surface: Surface, points: np.ndarray) -> np.ndarray:
 def _paint_scratch(surface: Surface) -> list[Layer]:
     rng, side = surface.rng, surface.side
     length = side * rng.uniform(0.2, 0.55)
-    width = max(1.0, side / 256 * rng.uniform(1.5, 2.5))
+    width = max(1.0, side / 256 * rng.uniform(2.5, 4.0))  # issue 28: 1.5-2.5 px hid among gravel's twigs
     theta = rng.uniform(0, np.pi)
     bend = rng.uniform(-0.3, 0.3) * length
     t = np.linspace(0, 1, 96)[:, None]
@@ -188,7 +193,7 @@ def _paint_scratch(surface: Surface) -> list[Layer]:
     ]
     alpha = draw_polylines(surface, strokes) * rng.uniform(0.75, 1.0)
     sign = 1.0 if rng.random() < 0.6 else -1.0
-    target = surface.pixels + sign * rng.uniform(1.3, 2.2) * surface.std
+    target = surface.pixels + sign * rng.uniform(1.6, 2.4) * surface.std
     return [(alpha, target)]
 
 
@@ -211,7 +216,7 @@ def _paint_crack(surface: Surface) -> list[Layer]:
         turn = rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
         branches.append(walk(at, heading + turn, side * rng.uniform(0.07, 0.16)))
     offset = fit_inside(surface, np.vstack([trunk, *branches]))[0] - trunk[0]
-    width = max(1.0, side / 256 * rng.uniform(1.2, 2.0))
+    width = max(1.0, side / 256 * rng.uniform(2.0, 3.0))  # issue 28: 1.2-2.0 px was a hairline at 1x
     strokes = [(trunk + offset, width, 1.0)] + [(b + offset, max(1.0, width * 0.6), 0.85) for b in branches]
     alpha = draw_polylines(surface, strokes)
     target = surface.pixels * rng.uniform(0.2, 0.4)
@@ -220,12 +225,13 @@ def _paint_crack(surface: Surface) -> list[Layer]:
 
 def _paint_stain(surface: Surface) -> list[Layer]:
     rng = surface.rng
-    ry, rx = ellipse_radii(surface, rng.uniform(0.01, 0.03), max_aspect=2.2)
+    ry, rx = ellipse_radii(surface, rng.uniform(0.02, 0.04), max_aspect=2.2)  # wider than a stone of gravel
     distance, _ = blob_distance(surface, ry, rx, wobble=0.12, harmonics=3)
-    ramp = np.clip((1 - distance) / 0.55, 0, 1)  # soft edge over the outer half of the radius
-    alpha = ramp * ramp * (3 - 2 * ramp) * rng.uniform(0.8, 1.0)
-    gain = rng.uniform(0.3, 0.6)
-    shift = (1.0 if rng.random() < 0.3 else -1.0) * rng.uniform(0.6, 1.1) * surface.std
+    ramp = np.clip((1 - distance) / 0.35, 0, 1)  # soft edge over the outer third of the radius
+    alpha = ramp * ramp * (3 - 2 * ramp) * rng.uniform(0.85, 1.0)
+    # issue 28: gain 0.3-0.6 and a shift of 0.6-1.1 std, mostly darker, read as a shadow on gravel and grass
+    gain = rng.uniform(0.15, 0.4)
+    shift = (1.0 if rng.random() < 0.5 else -1.0) * rng.uniform(1.3, 2.0) * surface.std
     target = surface.mean + (surface.pixels - surface.mean) * gain + shift
     return [(alpha, target)]
 
@@ -262,7 +268,8 @@ def _paint_foreign(surface: Surface) -> list[Layer]:
     inside = alpha > 0.5
     m_mean = material[inside].mean(axis=0) if inside.any() else surface.mean
     m_std = np.maximum(material[inside].std(axis=0), 1.0) if inside.any() else surface.std
-    new_mean = surface.mean + rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.7) * surface.std
+    # issue 28: a shift of 0.3-0.7 std let a patch pass for mortar or a brick (visibility 0.23 on brick)
+    new_mean = surface.mean + rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0) * surface.std
     new_std = surface.std * rng.uniform(0.5, 0.8)
     target = (material - m_mean) / m_std * new_std + new_mean
     return [(alpha, target)]
