@@ -103,6 +103,18 @@ def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     m0 = json.loads((sweep / "0" / "metrics.json").read_text())
     m1 = json.loads((sweep / "1" / "metrics.json").read_text())
     assert m0["pixel_aupr"] != m1["pixel_aupr"]  # same views, other α, other fused map
+    # each view alone, on validation and test, with intervals; the same maps (cached or not) in both runs
+    for record in (m0, m1):
+        for views in (record["views"], record["val"]["views"]):
+            assert set(views) == {"org", "small", "big"}
+            for v in views.values():
+                assert 0.0 <= v["pixel_auroc"] <= 1.0 and v["pixel_aupr"] is not None and v["pixel_aupro"] is not None
+                low, high = v["ci95"]["pixel_aupr"]
+                assert low <= v["pixel_aupr"] <= high or abs(high - low) < 1e-6 or low <= high
+        assert record["blur_order"] == "after"
+    assert m0["views"] == m1["views"]
+    drawn = sorted((sweep / "0" / "overlays_views").rglob("*.png"))
+    assert 0 < len(drawn) <= 8
 
     # α re-fusion on validation maps, then test metrics at that α
     out = tmp_path / "eval"
@@ -113,6 +125,9 @@ def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     assert fusion["n_points"] == 15 and abs(sum(fusion["alpha"]) - 1.0) < 1e-9
     assert fusion["val_metric"] == record["val"]["pixel_aupr"]
     assert record["pixel_aupr"] is not None and "test_at_trained_alpha" in fusion
+    assert set(fusion["by_order"]) == {"after", "mosaic"} and fusion["blur_order"] in fusion["by_order"]
+    assert fusion["val_metric"] == max(o["val_metric"] for o in fusion["by_order"].values())
+    assert record["views"]["small"]["pixel_auroc"] is not None
 
 
 @pytest.mark.slow
