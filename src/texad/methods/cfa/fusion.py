@@ -390,6 +390,7 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
     if not outputs:
         raise TexadError("fusion.search needs a method that keeps per-view maps (cfa / spcfa)")
     orders = fusion_cfg.get("blur_orders") or [str(method.hparams.get("blur_order", "after"))]
+    rule = (str(method.hparams.get("image_score", "max")), float(method.hparams.get("image_score_fraction", 0.01)))
     result, val, test = refuse(
         outputs,
         blur_sigma=float(method.hparams.blur_sigma),
@@ -397,7 +398,7 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
         step=float(fusion_cfg.get("step", 0.05)),
         screen_stride=int(fusion_cfg.get("screen_stride", 1)),
         refine_top=int(fusion_cfg.get("refine_top", 5)),
-        image_rule=(str(method.hparams.get("image_score", "max")), float(method.hparams.get("image_score_fraction", 0.01))),
+        image_rule=rule,
         blur_orders=[str(o) for o in orders],
     )
     record = result.as_record()
@@ -405,6 +406,10 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
     record["trained_blur_order"] = str(method.hparams.get("blur_order", "after"))
     record["test_at_trained_alpha"] = {k: v for k, v in results["test"].items() if k != "ci95"}
     method.test_statistics = test.pop("statistics", None)
+    if len(outputs["test"]["maps"]) > 1:  # each view alone at the chosen blur order (α does not change them)
+        for name, split in (("val", val), ("test", test)):
+            split["views"] = view_records(outputs[name], float(method.hparams.blur_sigma), result.blur_order, rule)
+            split["blur_order"] = result.blur_order
     results["val"], results["test"] = val, test
     return record
 
