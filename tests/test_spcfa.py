@@ -12,11 +12,12 @@ import torch
 
 from conftest import TINY, compose_cfg, run_entry
 from texad.data.superpixel_views import SuperpixelViews
-from texad.data.superpixels import SuperpixelCache, guard_corner, slic_labels
+from texad.data.superpixels import SuperpixelCache, arrange_tiles, guard_corner, slic_labels
 from texad.errors import TexadError
 from texad.pipeline import build
 
-SPCFA_TINY = [*TINY, "method=spcfa", "method.epochs=1", "dataset.num_workers=0"]
+# region sizes in pixels of the 64² input (no reference size to scale from)
+SPCFA_TINY = [*TINY, "method=spcfa", "method.epochs=1", "dataset.num_workers=0", "method.slic.region_size_reference=null"]
 
 
 def test_superpixel_views_builder_is_picklable_and_keyed_by_pixels(tmp_path):
@@ -49,8 +50,8 @@ def test_mosaic_views_reach_the_model_and_null_views_are_not_computed(tmp_path):
     synthetic = max(val.synthetic)
     image = val.load(synthetic)[0]
     item = val[synthetic]
-    expected = guard_corner(slic_labels(image, 8, **datamodule.views.slic), datamodule.views.mosaic_guard)
-    assert datamodule.views.mosaic_guard == 32  # the default: label ids are mosaic slots
+    expected = arrange_tiles(slic_labels(image, 8, **datamodule.views.slic), datamodule.views.mosaic_guard)
+    assert datamodule.views.mosaic_guard == 32 and datamodule.views.mosaic_order == "place"  # the defaults
     assert torch.equal(item["superpixels"][0], torch.from_numpy(expected).long())
 
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -71,7 +72,8 @@ def test_cfa_view_is_the_same_with_or_without_superpixel_views(tmp_path):
     """The original view's initial weights (hence training) do not depend on the other views."""
     heads = {}
     for name, extra in (("cfa", ["method=cfa"]), ("spcfa", ["method.region_sizes=[8,16]"])):
-        cfg = compose_cfg("train", [*SPCFA_TINY, *extra], tmp_path / name)
+        base = [o for o in SPCFA_TINY if name == "spcfa" or not o.startswith("method.slic")]  # CFA has no slic
+        cfg = compose_cfg("train", [*base, *extra], tmp_path / name)
         L.seed_everything(cfg.seed)
         heads[name] = build(cfg)[1].model.heads
         after = torch.rand(1)  # the global RNG after building must be the same too
@@ -101,6 +103,18 @@ def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     m0 = json.loads((sweep / "0" / "metrics.json").read_text())
     m1 = json.loads((sweep / "1" / "metrics.json").read_text())
     assert m0["pixel_aupr"] != m1["pixel_aupr"]  # same views, other α, other fused map
+    # each view alone, on validation and test, with intervals; the same maps (cached or not) in both runs
+    for record in (m0, m1):
+        for views in (record["views"], record["val"]["views"]):
+            assert set(views) == {"org", "small", "big"}
+            for v in views.values():
+                assert 0.0 <= v["pixel_auroc"] <= 1.0 and v["pixel_aupr"] is not None and v["pixel_aupro"] is not None
+                low, high = v["ci95"]["pixel_aupr"]
+                assert low <= v["pixel_aupr"] <= high or abs(high - low) < 1e-6 or low <= high
+        assert record["blur_order"] == "after"
+    assert m0["views"] == m1["views"]
+    drawn = sorted((sweep / "0" / "overlays_views").rglob("*.png"))
+    assert 0 < len(drawn) <= 8
 
     # α re-fusion on validation maps, then test metrics at that α
     out = tmp_path / "eval"
@@ -111,6 +125,9 @@ def test_alpha_sweep_trains_each_view_once_and_evaluate_refuses_alpha(tmp_path):
     assert fusion["n_points"] == 15 and abs(sum(fusion["alpha"]) - 1.0) < 1e-9
     assert fusion["val_metric"] == record["val"]["pixel_aupr"]
     assert record["pixel_aupr"] is not None and "test_at_trained_alpha" in fusion
+    assert set(fusion["by_order"]) == {"after", "mosaic"} and fusion["blur_order"] in fusion["by_order"]
+    assert fusion["val_metric"] == max(o["val_metric"] for o in fusion["by_order"].values())
+    assert record["views"]["small"]["pixel_auroc"] is not None
 
 
 @pytest.mark.slow
@@ -182,16 +199,46 @@ def test_superpixel_views_guard_the_mosaic_corner_in_the_labels_they_return(tmp_
 
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur((rng.random((64, 64, 3)) * 255).astype(np.uint8), (0, 0), 3)
-    plain = SuperpixelViews([8], None, {"mosaic_guard": 0})(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
-    guarded = SuperpixelViews([8], None, {"mosaic_guard": 16})(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
+    def views(**slic):
+        return SuperpixelViews([8], None, slic)(image, "a.png", (0.0,) * 3, (1 / 255,) * 3)
+
+    plain = views(mosaic_guard=0, mosaic_order="label")
+    guarded = views(mosaic_guard=16, mosaic_order="label")
+    placed = views(mosaic_guard=16)
     labels = slic_labels(image, 8)
     assert torch.equal(plain["superpixels"][0], torch.from_numpy(labels).long())
     assert torch.equal(guarded["superpixels"][0], torch.from_numpy(guard_corner(labels, 16)).long())
-    # both mosaics carried back give the image (up to resampling), superpixel by superpixel
-    for item in (plain, guarded):
+    assert torch.equal(placed["superpixels"][0], torch.from_numpy(arrange_tiles(labels, 16)).long())
+    # all mosaics carried back give the image (up to resampling), superpixel by superpixel
+    for item in (plain, guarded, placed):
         back = inverse_mosaic(item["mosaics"][:, 0], item["superpixels"])[0]  # mean 0, std 1/255: pixel units
         assert (back - torch.from_numpy(image[..., 0]).float()).abs().mean() < 2.0
     with pytest.raises(TexadError, match="mosaic_guard"):
         SuperpixelViews([8], None, {"mosaic_guard": -1})
+    with pytest.raises(TexadError, match="mosaic_order"):
+        SuperpixelViews([8], None, {"mosaic_order": "raster"})
+    with pytest.raises(TexadError, match="region_size_reference"):
+        SuperpixelViews([8], None, {"region_size_reference": 0})
     with pytest.raises(TexadError, match="unknown keys"):
         SuperpixelViews([8], None, {"rular": 10})
+
+
+def test_region_sizes_scale_with_the_input_so_one_config_builds_the_same_view():
+    """region_size_reference: rs pixels at reference² become rs·side/reference at any input side."""
+    import cv2
+
+    from texad.data.superpixel_views import scaled_region_size
+
+    assert scaled_region_size(10, 128, 128, 256) == 5 and scaled_region_size(10, 512, 512, 256) == 20
+    assert scaled_region_size(10, 224, 224, 224) == 10 and scaled_region_size(35, 256, 256, 224) == 40
+    assert scaled_region_size(10, 128, 128, None) == 10
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur((rng.random((256, 256, 3)) * 255).astype(np.uint8), (0, 0), 4)
+    small = cv2.resize(big, (128, 128), interpolation=cv2.INTER_AREA)
+    views = SuperpixelViews([20], None, {"region_size_reference": 256})
+    counts = [int(views(im, "a.png", (0.0,) * 3, (1.0,) * 3)["superpixels"][0].unique().numel()) for im in (big, small)]
+    # the same number of superpixels (up to SLIC's connectivity merges) at both sizes
+    assert abs(counts[0] - counts[1]) <= 0.15 * counts[0]
+    fixed = SuperpixelViews([20], None, {"region_size_reference": None})
+    unscaled = int(fixed(small, "a.png", (0.0,) * 3, (1.0,) * 3)["superpixels"][0].unique().numel())
+    assert unscaled < 0.5 * counts[0]  # pixels of the input: a coarser view at 128²

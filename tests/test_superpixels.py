@@ -14,6 +14,7 @@ from texad.data import superpixels as sp
 from texad.data.superpixels import (
     SuperpixelCache,
     build_mosaic,
+    arrange_tiles,
     guard_corner,
     inverse_mosaic,
     mosaic_layout,
@@ -150,11 +151,18 @@ def test_reflect_fill_copies_tiles_into_free_slots_and_mirrors_the_strips(channe
     # the tiles themselves are the paper's, pixel for pixel
     for ty, tx in layout.tiles:
         np.testing.assert_array_equal(mosaic[ty : ty + side, tx : tx + side], zeros[ty : ty + side, tx : tx + side])
-    # free slot k holds tile (k - n) again
-    for slot in range(n, rows * columns):
-        ty, tx = (slot // columns) * side, (slot % columns) * side
-        sy, sx = layout.tiles[(slot - n) % n]
-        np.testing.assert_array_equal(mosaic[ty : ty + side, tx : tx + side], mosaic[sy : sy + side, sx : sx + side])
+    # a free slot after the row's last real tile b holds tile b - d, d slots past it (mirrored in its row)
+    real = np.zeros(rows * columns, bool)
+    real[:n] = True
+    real = real.reshape(rows, columns)
+    for r in range(rows):
+        cols = np.flatnonzero(real[r])
+        assert cols.size  # every row of this layout has a tile
+        last = cols[-1]
+        for c in range(last + 1, columns):
+            source = max(last - (c - last - 1), cols[0])
+            np.testing.assert_array_equal(mosaic[r * side : (r + 1) * side, c * side : (c + 1) * side],
+                                          mosaic[r * side : (r + 1) * side, source * side : (source + 1) * side])
     # strips mirror the grid: column grid_w + d is column grid_w - 1 - d (and likewise rows)
     grid_h, grid_w = rows * side, columns * side
     for d in range(70 - grid_w):
@@ -421,3 +429,88 @@ def test_cache_concurrent_writers_leave_one_complete_entry(tmp_path):
         results = [job.result() for job in jobs]
     assert all(np.array_equal(result, results[0]) for result in results)
     assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]
+
+
+# ---------------------------------------------------------------------------- tile order
+
+
+def _texture(name: str, size: int) -> np.ndarray:
+    """A crop of a scikit-image texture (the embedded sets' sources), resized to size²."""
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    crop = image[: min(image.shape[:2]), : min(image.shape[:2])]
+    return cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _adjacent_source_distances(arranged: np.ndarray) -> tuple[float, float]:
+    """Median distance between the source-superpixel centroids of mosaic-adjacent tiles (across, down)."""
+    layout = mosaic_layout(arranged, free_slots=True)
+    flat = arranged.ravel()
+    sizes = np.bincount(flat, minlength=layout.count)
+    ys, xs = np.divmod(np.arange(flat.size), arranged.shape[1])
+    cy = np.bincount(flat, ys, layout.count) / np.maximum(sizes, 1)
+    cx = np.bincount(flat, xs, layout.count) / np.maximum(sizes, 1)
+    rows = layout.height // layout.tile_side
+    slots = np.full(rows * layout.columns, -1)
+    slots[: layout.count][sizes > 0] = np.flatnonzero(sizes > 0)
+    slots = slots.reshape(rows, layout.columns)
+    out = []
+    for a, b in ((slots[:, :-1], slots[:, 1:]), (slots[:-1], slots[1:])):
+        both = (a >= 0) & (b >= 0)
+        a, b = a[both], b[both]  # pairs of tiles next to each other, both real
+        out.append(float(np.median(np.hypot(cy[a] - cy[b], cx[a] - cx[b]))))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("size", [128, 256])
+@pytest.mark.parametrize("texture", ["brick", "gravel"])
+@pytest.mark.parametrize("min_element_size", [25, None])
+@pytest.mark.parametrize("guard", [0, 32])
+def test_arranged_mosaic_keeps_neighbours_together(size, texture, min_element_size, guard):
+    """Tiles next to each other in the mosaic come from superpixels next to each other in the image."""
+    region_size = 10
+    labels = slic_labels(_texture(texture, size), region_size, min_element_size=min_element_size)
+    across, down = _adjacent_source_distances(arrange_tiles(labels, guard))
+    assert across <= 1.5 * region_size and down <= 1.5 * region_size
+    if min_element_size is not None:  # SLIC's own numbering (connectivity step on) shuffles the tiles
+        across, down = _adjacent_source_distances(guard_corner(labels, guard))
+        assert max(across, down) > 2.5 * region_size
+
+
+@pytest.mark.parametrize(("height", "width", "region_size", "guard"),
+                         [(128, 128, 10, 32), (128, 128, 35, 32), (96, 160, 12, 20), (256, 256, 10, 0)])
+def test_arranged_labels_are_slots_and_the_inverse_stays_exact(height, width, region_size, guard):
+    labels = slic_labels(smooth_image(height, width), region_size)
+    arranged = arrange_tiles(labels, guard)
+    n = labels.max() + 1
+    assert len(np.unique(arranged)) == n  # a relabelling: one id per superpixel ...
+    pairs = np.unique(np.stack([labels.ravel(), arranged.ravel()]), axis=1)
+    assert pairs.shape[1] == n  # ... mapping whole superpixels
+    layout = mosaic_layout(arranged, free_slots=True)
+    assert layout.tile_side == tile_grid(height, width, layout.count)[0]
+    real = layout.rects[:, 2] > 0
+    if guard:
+        in_guard = (layout.tiles[:, 0] < guard) & (layout.tiles[:, 1] < guard)
+        assert in_guard.any() and not (in_guard & real).any()
+    # an identity "score map" (slot k holds k) comes back as the arranged label map
+    slot_map = np.full((height, width), -1.0, np.float32)
+    for index, (ty, tx) in enumerate(layout.tiles):
+        slot_map[ty : ty + layout.tile_side, tx : tx + layout.tile_side] = index
+    back = inverse_mosaic(torch.from_numpy(slot_map)[None], torch.from_numpy(arranged)[None])[0]
+    torch.testing.assert_close(back, torch.from_numpy(arranged).float(), rtol=0, atol=1e-3)
+    # and a smooth image comes back inside every superpixel (as for SLIC's own order)
+    image = smooth_image(height, width, None)
+    error = np.abs(roundtrip(image, arranged) - image.astype(np.float32))
+    assert error.mean() < 0.01 * 255
+    per_superpixel = np.bincount(arranged.ravel(), weights=error.ravel()) / np.maximum(np.bincount(arranged.ravel()), 1)
+    assert per_superpixel.max() < 0.05 * 255  # no superpixel reads the wrong tile
+
+
+def test_arrange_tiles_rejects_labels_with_gaps():
+    labels = np.zeros((20, 20), np.int32)
+    labels[:, 10:] = 2
+    with pytest.raises(TexadError, match="contiguous"):
+        arrange_tiles(labels)

@@ -10,31 +10,36 @@ score map: each original pixel reads the tile of its own superpixel at the place
 resize put it.
 
 Tiling rule (square and non-square images alike): tiles are square with side ``s``, the largest
-integer for which ``(H // s) * (W // s) >= n`` (n = number of superpixels). Tiles fill
-``W // s`` columns per row, left to right, top to bottom; superpixel ``i`` takes slot ``i``.
-Since ``n <= H * W``, ``s >= 1`` always, so every superpixel gets a tile. The rule lives in
-:func:`tile_grid` and both the numpy mosaic and the torch inverse call it. SLIC numbers its
-superpixels in raster order of their seeds and ``W // s`` is close to SLIC's own number of
-columns, so the mosaic is roughly the image with every superpixel rescaled in place: tile 0 at
-the mosaic's top-left corner is the image's top-left superpixel.
+integer for which ``(H // s) * (W // s) >= n`` (n = number of slots, one per label id). Tiles fill
+``W // s`` columns per row, left to right, top to bottom; label ``i`` takes slot ``i``. Since
+``n <= H * W``, ``s >= 1`` always, so every superpixel gets a tile. The rule lives in
+:func:`tile_grid` and both the numpy mosaic and the torch inverse call it.
 
-What the grid leaves free (the slots after the last tile, and the right and bottom strips) is
-``fill``:
+Which superpixel gets which slot is a relabelling done before the mosaic. SLIC's own ids do not
+follow the image: OpenCV's ``enforceLabelConnectivity`` renumbers the superpixels in raster order of
+their first pixel, so "slot = SLIC id" lays a row of seeds out along their top edges and the mosaic
+is a shuffle (gravel, rs 10: the source superpixels of mosaic-adjacent tiles lie 3.8-7.7 region
+sizes apart). :func:`arrange_tiles` (texad's default, ``method.slic.mosaic_order=place``) gives each
+superpixel the slot of its centroid's place (row band, then nearest free column), so the mosaic is
+the image with every superpixel rescaled roughly in place (adjacent tiles' sources about 1-1.5
+region sizes apart, across and down). ``mosaic_order=label`` keeps SLIC's ids (:func:`guard_corner`).
+
+What the grid leaves free (slots without a tile, and the right and bottom strips) is ``fill``:
 
 - ``"zeros"`` (the paper, Sec. III-B: "zero patches"): black. On the embedded 256² sets this is
   3–30 % of the mosaic (OpenCV's connectivity step merges superpixels, so n falls below the
-  grid's slot count), a large black block with a hard edge whose position changes with n from
-  image to image.
-- ``"reflect"`` (texad's default): free slots hold copies of tiles 0, 1, 2, ... again, and the
-  strips mirror the tile grid (``cv2.BORDER_REFLECT``), so every part of the mosaic looks like
-  texture tiles. The inverse never reads these pixels, so the fill only changes what the
-  backbone, the memory bank and the training loss see next to (and instead of) a black block.
+  grid's slot count).
+- ``"reflect"`` (texad's default): a free slot holds a real tile of its own row, mirrored across
+  the row's first or last real tile (rows without one mirror the rows above), and the strips mirror
+  the tile grid (``cv2.BORDER_REFLECT``), so every part of the mosaic looks like the texture nearby.
+  The inverse never reads these pixels, so the fill only changes what the backbone, the memory bank
+  and the training loss see next to (and instead of) a black block.
 
 The mosaic's top-left corner is hot in every view (the backbone's own corner artifact, in mosaic
 coordinates: with the tile order reversed on gravel the hot spot followed the corner, not
-superpixel 0). :func:`guard_corner` (texad's default, 32 px) relabels the superpixels so that label
-ids are slot indices and the slots of that corner square stay free; the inverse only needs the
-labels, so it is unchanged. Guard 0 and fill "zeros" give the paper's mosaic.
+superpixel 0). Both orders take a guard (texad's default, 32 px): the slots of that corner square
+stay free; the inverse only needs the labels, so it is unchanged. Guard 0, fill "zeros" and order
+"label" give the paper's mosaic.
 
 SLIC and :func:`build_mosaic` use numpy and OpenCV only, so they run in DataLoader workers;
 :func:`inverse_mosaic` is batched torch on any device.
@@ -61,6 +66,7 @@ from texad.outputs import digest
 __all__ = [
     "MOSAIC_FILLS",
     "MosaicLayout",
+    "arrange_tiles",
     "SuperpixelCache",
     "build_mosaic",
     "guard_corner",
@@ -195,6 +201,87 @@ def guard_corner(labels: np.ndarray, guard: int) -> np.ndarray:
     return real[:n][labels].astype(labels.dtype)
 
 
+def _guarded_grid(height: int, width: int, n: int, guard: int) -> tuple[int, int, int, int, int]:
+    """(side, rows, columns, k_r, k_c): the tile grid for n tiles plus a k_r × k_c free corner block.
+
+    ``tile_grid`` of the total slot count, iterated to its fixed point (the side only shrinks);
+    k_r = k_c = 0 when ``guard`` is 0 or the corner block does not fit.
+    """
+    side = tile_grid(height, width, n)[0]
+    if guard <= 0:
+        return side, height // side, width // side, 0, 0
+    while True:
+        rows, columns = height // side, width // side
+        k_r, k_c = min(-(-guard // side), rows), min(-(-guard // side), columns)
+        count = n + k_r * k_c
+        if count > height * width or k_r * k_c >= rows * columns:
+            side = tile_grid(height, width, n)[0]
+            return side, height // side, width // side, 0, 0
+        new_side = tile_grid(height, width, count)[0]
+        if new_side == side:
+            return side, rows, columns, k_r, k_c
+        side = new_side
+
+
+def arrange_tiles(labels: np.ndarray, guard: int = 0) -> np.ndarray:
+    """Relabel superpixels so label id = mosaic slot and a tile sits where its superpixel sits.
+
+    texad's own layout (no paper detail fixes the order). The tile grid is `tile_grid`'s for the
+    superpixels plus the slots of the guarded corner block (`guard` px, see `guard_corner`; 0: none).
+    Slots are given by recursive bisection: the block of slots is halved along its longer side and
+    each half gets as many superpixels, sorted by centroid along that axis, as its share of the
+    block's usable slots (guard slots are not usable), down to one slot. So the order in the image
+    is kept across and down, and the spare slots are spread where superpixels are sparse. Neighbours in the image are then neighbours in the mosaic, across
+    and down, whatever SLIC's label numbering (OpenCV's connectivity step renumbers by first pixel).
+    The last real slot + 1 gives back the same tile side through `tile_grid`, so the inverse
+    (`inverse_mosaic`) needs only the labels, as before.
+    """
+    labels = _check_labels(labels)
+    height, width = labels.shape
+    flat = labels.ravel().astype(np.int64)
+    n = int(flat.max()) + 1
+    sizes = np.bincount(flat, minlength=n)
+    if flat.min() < 0 or not (sizes > 0).all():
+        raise TexadError(f"arrange_tiles expects contiguous labels 0..{n - 1}")
+    ys, xs = np.divmod(np.arange(flat.size), width)
+    cy = np.bincount(flat, weights=ys, minlength=n) / sizes
+    cx = np.bincount(flat, weights=xs, minlength=n) / sizes
+    side, rows, columns, k_r, k_c = _guarded_grid(height, width, n, guard)
+    usable = np.full(rows, columns)
+    usable[:k_r] -= k_c
+    usable = np.ones((rows, columns), bool)
+    usable[:k_r, :k_c] = False
+    slot_of = np.empty(n, np.int64)
+    # recursive bisection: halve the slot block along its longer side, give each half as many
+    # superpixels (sorted by centroid along that axis) as its share of the block's usable slots
+    stack = [(np.arange(n), 0, rows, 0, columns)]
+    while stack:
+        ids, r0, r1, c0, c1 = stack.pop()
+        if ids.size == 0:
+            continue
+        if (r1 - r0) * (c1 - c0) == 1:
+            slot_of[ids] = r0 * columns + c0  # one superpixel: capacities below keep it at most one
+            continue
+        if r1 - r0 >= c1 - c0:
+            mid = (r0 + r1) // 2
+            halves, key = ((r0, mid, c0, c1), (mid, r1, c0, c1)), cy
+        else:
+            mid = (c0 + c1) // 2
+            halves, key = ((r0, r1, c0, mid), (r0, r1, mid, c1)), cx
+        room = [int(usable[h[0] : h[1], h[2] : h[3]].sum()) for h in halves]
+        first = min(room[0], max(ids.size - room[1], int(round(ids.size * room[0] / max(room[0] + room[1], 1)))))
+        ids = ids[np.argsort(key[ids], kind="stable")]
+        stack.append((ids[:first], *halves[0]))
+        stack.append((ids[first:], *halves[1]))
+    if tile_grid(height, width, int(slot_of.max()) + 1)[0] != side:
+        # spare slots at the grid's end: the inverse would take the count for a bigger side. The
+        # last tile moves to the last slot (same bottom-right block), so max id + 1 = rows * columns
+        slot_of[int(np.argmax(slot_of))] = rows * columns - 1
+    if tile_grid(height, width, int(slot_of.max()) + 1)[0] != side:
+        raise TexadError(f"arrange_tiles: internal layout error for {n} superpixels in {height}x{width}")
+    return slot_of[labels].astype(labels.dtype)
+
+
 @dataclass(frozen=True)
 class MosaicLayout:
     """Where each superpixel comes from and where its tile goes.
@@ -293,7 +380,6 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
     layout = mosaic_layout(labels, free_slots=True)
     side = layout.tile_side
     mosaic = np.zeros_like(image)
-    tiles = []
     for (y0, x0, h, w), (ty, tx) in zip(layout.rects.tolist(), layout.tiles.tolist()):
         if h == 0:  # a free slot (guard_corner): filled below
             continue
@@ -301,14 +387,12 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
         tile = cv2.resize(rect, (side, side), interpolation=cv2.INTER_CUBIC)
         target = mosaic[ty : ty + side, tx : tx + side]
         target[...] = tile.reshape(target.shape)  # cv2 drops a single channel axis
-        tiles.append(target)
     if fill == "zeros":
         return mosaic
     rows, columns = layout.height // side, layout.columns
-    free = [i for i in range(layout.count) if layout.rects[i, 2] == 0] + list(range(layout.count, rows * columns))
-    for k, slot in enumerate(free):  # free slots: the real tiles 0, 1, 2, ... again
-        ty, tx = (slot // columns) * side, (slot % columns) * side
-        mosaic[ty : ty + side, tx : tx + side] = tiles[k % len(tiles)]
+    real = np.zeros(rows * columns, bool)
+    real[: layout.count] = layout.rects[:, 2] > 0
+    _reflect_free_slots(mosaic, real.reshape(rows, columns), side)
     grid_h, grid_w = rows * side, columns * side
     if (grid_h, grid_w) != (layout.height, layout.width):  # strips: mirror the tile grid
         grid = np.ascontiguousarray(mosaic[:grid_h, :grid_w])
@@ -317,6 +401,52 @@ def build_mosaic(image: np.ndarray, labels: np.ndarray, fill: str = "reflect") -
         )
         mosaic[...] = full.reshape(mosaic.shape)
     return mosaic
+
+
+def _reflect_free_slots(mosaic: np.ndarray, real: np.ndarray, side: int) -> None:
+    """Fill the free slots of a (rows, columns) slot grid in place with mirrored real tiles.
+
+    Within a row, a free slot left of the row's first real tile or right of its last one takes the
+    real tile mirrored across that edge (slot a-1-d copies a+d; b+1+d copies b-d), clamped to the
+    row's real run; a free slot between real tiles copies the nearest real tile to its left. A row
+    without a real tile copies the filled row mirrored across the last row that has one. So a free
+    slot shows a tile from its own neighbourhood of the mosaic, never one from elsewhere.
+    """
+    rows, columns = real.shape
+
+    def cell(r: int, c: int) -> np.ndarray:
+        return mosaic[r * side : (r + 1) * side, c * side : (c + 1) * side]
+
+    filled = []
+    for r in range(rows):
+        cols = np.flatnonzero(real[r])
+        if cols.size == 0:
+            continue
+        filled.append(r)
+        first, last = int(cols[0]), int(cols[-1])
+        for c in range(columns):
+            if real[r, c]:
+                continue
+            if c < first:
+                source = min(first + (first - 1 - c), last)
+            elif c > last:
+                source = max(last - (c - last - 1), first)
+            else:
+                source = int(cols[cols < c][-1])
+            while not real[r, source]:  # clamped into a gap of the run: step towards the edge tile
+                source += 1 if c < first else -1
+            cell(r, c)[...] = cell(r, source)
+    if not filled:
+        return
+    top, bottom = filled[0], filled[-1]
+    for r in range(rows):
+        if r in filled:
+            continue
+        source = top + (top - 1 - r) if r < top else bottom - (r - bottom - 1)
+        source = min(max(source, top), bottom)
+        while source not in filled:
+            source += 1 if r < top else -1
+        mosaic[r * side : (r + 1) * side, : columns * side] = mosaic[source * side : (source + 1) * side, : columns * side]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""Choosing Sp-CFA's fusion weights α on validation maps, without retraining.
+"""Choosing Sp-CFA's fusion weights α and blur order on validation maps, without retraining.
 
-S = blur(Σ_v α_v S_v) = Σ_v α_v blur(S_v): the Gaussian blur is linear, so each view is blurred
-once and every grid point is a weighted sum of pre-blurred maps. Pixel metrics depend only on the
+Two blur orders (`BLUR_ORDERS`, `method.blur_order`): "after" (texad's first) blurs once after
+fusion, S = blur(Σ_v α_v S_v) = Σ_v α_v blur(S_v), the blur being linear; "mosaic" (the paper's:
+each view is a CFA map, blurred where CFA computes it) blurs each superpixel view's map in mosaic
+coordinates before the inverse, S = α_org blur(S_org) + Σ_v α_v inverse_v(blur(M_v)), keeping
+its edges on superpixel boundaries. Either way each view is blurred once and every grid point is
+a weighted sum of pre-blurred maps. Pixel metrics depend only on the
 ranking, so per point only the optimised metric is computed (one sort of the normal pixels, the
 cost that dominates); the full metrics are computed once, at the best α, on the test maps.
 """
@@ -17,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from texad.data.superpixels import inverse_mosaic
 from texad.errors import TexadError
 from texad.metrics import functional as mf
 from texad.metrics.aupimo import aupimo_per_image, pixel_aupimo
@@ -30,6 +35,9 @@ from texad.methods.components.image_score import image_score
 log = logging.getLogger(__name__)
 
 VIEWS = ("org", "small", "big")
+BLUR_ORDERS = ("after", "mosaic")
+#: what metrics.json's `views` reports of each view alone (with their ci95)
+VIEW_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_aupr", "pixel_f1", "image_auroc")
 PIXEL_METRICS = ("pixel_aupr", "pixel_f1", "pixel_auroc", "pixel_aupro")
 IMAGE_METRICS = ("image_auroc", "image_f1")
 
@@ -47,6 +55,29 @@ def simplex_grid(n_views: int, step: float = 0.05) -> np.ndarray:
 def blur_views(maps: Mapping[str, torch.Tensor], sigma: float) -> dict[str, np.ndarray]:
     """Each (N,H,W) view map blurred once (float32 numpy)."""
     return {v: gaussian_blur2d(m.float(), sigma).numpy() for v, m in maps.items()}
+
+
+def mosaic_blurred(mosaic_map: torch.Tensor, labels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A superpixel view's (B,H,W) map in mosaic coordinates, blurred there, then mapped back to the image."""
+    return inverse_mosaic(gaussian_blur2d(mosaic_map, sigma), labels)
+
+
+def order_blurred(split: Mapping[str, Any], sigma: float, order: str) -> dict[str, np.ndarray]:
+    """Each view's blurred map (float32 numpy, image coordinates) for one blur order.
+
+    `split` is a `CFA.view_outputs` entry: `maps` (view → unsmoothed (N,H,W)) and, for "mosaic",
+    `mosaic_blurred` (superpixel view → its map blurred in mosaic coordinates, then mapped back).
+    """
+    if order not in BLUR_ORDERS:
+        raise TexadError(f"blur order must be one of {list(BLUR_ORDERS)} (method.blur_order / fusion.blur_orders), got {order!r}")
+    maps = split["maps"]
+    if order == "after":
+        return blur_views(maps, sigma)
+    pre = split.get("mosaic_blurred") or {}
+    missing = [v for v in maps if v != "org" and v not in pre]
+    if missing:
+        raise TexadError(f"blur order 'mosaic' needs the views' mosaic-blurred maps; missing for {missing}")
+    return {v: (blur_views({v: m}, sigma)[v] if v == "org" else pre[v].float().numpy()) for v, m in maps.items()}
 
 
 def fuse_blurred(blurred: Mapping[str, np.ndarray], alpha: Mapping[str, float]) -> torch.Tensor:
@@ -122,10 +153,14 @@ class FusionResult:
     seconds: float
     table: list[tuple[list[float], float]] = field(default_factory=list)  # every (α, value), for plots
     views_alone: dict[str, dict[str, float | None]] = field(default_factory=dict)  # test metrics of each view alone
+    blur_order: str = "after"
+    by_order: dict[str, dict[str, Any]] = field(default_factory=dict)  # best α and value per blur order
 
     def as_record(self) -> dict[str, Any]:
         return {
             "alpha": [self.alpha.get(v, 0.0) for v in VIEWS],
+            "blur_order": self.blur_order,
+            "by_order": self.by_order,
             "val_metric": self.value,
             "metric": self.metric,
             "n_points": self.n_points,
@@ -218,21 +253,37 @@ def refuse(
     screen_stride: int = 1,
     refine_top: int = 5,
     image_rule: tuple[str, float] = ("max", 0.01),
+    blur_orders: Sequence[str] = ("after",),
 ) -> tuple[FusionResult, dict[str, float | None], dict[str, float | None]]:
-    """Best α on the validation maps; then (result, validation metrics, test metrics) at that α.
+    """Best α and blur order on the validation maps; then (result, validation metrics, test metrics) there.
 
-    `outputs[split]` holds `maps` (view → (N,H,W) unsmoothed), `masks` (N,H,W) bool or None, and
-    `labels` (N,), as `CFA.view_outputs` collects them during validate / test.
+    `outputs[split]` holds `maps` (view → (N,H,W) unsmoothed), `mosaic_blurred` (for the "mosaic"
+    order), `masks` (N,H,W) bool or None, and `labels` (N,), as `CFA.view_outputs` collects them
+    during validate / test. Each order in `blur_orders` gets its own α grid; the best validation
+    value wins (the first order listed on ties). Orders that the views make identical (CFA alone)
+    are searched once.
     """
     if "val" not in outputs or "test" not in outputs:
         raise TexadError("fusion search needs validation and test maps (is dataset.val_fraction > 0?)")
     val, test = outputs["val"], outputs["test"]
     views = [v for v in VIEWS if v in val["maps"]]
-    val_blurred = blur_views({v: val["maps"][v] for v in views}, blur_sigma)
-    result = grid_search(val_blurred, val["masks"], val["labels"], metric, step, screen_stride, refine_top, image_rule)
-    log.info("fusion: best α %s, val %s %.4f over %d points (%.1fs)", result.alpha, metric, result.value,
-             result.n_points, result.seconds)
-    test_blurred = blur_views(test["maps"], blur_sigma)
+    orders = list(dict.fromkeys(blur_orders)) if len(views) > 1 or "org" not in views else ["after"]
+    if not orders:
+        raise TexadError("fusion.blur_orders must name at least one of " + str(list(BLUR_ORDERS)))
+    best: FusionResult | None = None
+    by_order = {}
+    for order in orders:
+        blurred = order_blurred({**val, "maps": {v: val["maps"][v] for v in views}}, blur_sigma, order)
+        found = grid_search(blurred, val["masks"], val["labels"], metric, step, screen_stride, refine_top, image_rule)
+        found.blur_order = order
+        by_order[order] = {"alpha": [found.alpha.get(v, 0.0) for v in VIEWS], "val_metric": found.value}
+        log.info("fusion (%s blur): best α %s, val %s %.4f over %d points (%.1fs)", order, found.alpha, metric,
+                 found.value, found.n_points, found.seconds)
+        if best is None or _finite(found.value) > _finite(best.value):
+            best, val_blurred = found, blurred
+    result = best
+    result.by_order = by_order
+    test_blurred = order_blurred(test, blur_sigma, result.blur_order)
     val_metrics = fused_metrics(val_blurred, val["masks"], val["labels"], result.alpha, image_rule)
     chosen = {"pixel": val_metrics.get("pixel_f1_threshold"), "image": val_metrics.get("image_f1_threshold")}
     test_metrics = fused_metrics(test_blurred, test["masks"], test["labels"], result.alpha, image_rule, chosen)
@@ -247,6 +298,24 @@ def refuse(
         test_metrics["ci95"] = intervals(stats)
         test_metrics["statistics"] = stats
     return result, val_metrics, test_metrics
+
+
+def view_records(split: Mapping[str, Any], blur_sigma: float, blur_order: str,
+                 image_rule: tuple[str, float] = ("max", 0.01)) -> dict[str, dict[str, Any]]:
+    """metrics.json's `views`: each view's map alone (blurred in `blur_order`), its `VIEW_METRICS`
+    and, where the split has image labels, their bootstrap intervals under `ci95` (as the top level's)."""
+    blurred = order_blurred(split, blur_sigma, blur_order)
+    out: dict[str, dict[str, Any]] = {}
+    for v in blurred:
+        alone = {v: 1.0}
+        values = fused_metrics(blurred, split["masks"], split["labels"], alone, image_rule)
+        record: dict[str, Any] = {k: values.get(k) for k in VIEW_METRICS}
+        if "paths" in split and split["labels"] is not None and (split["labels"] >= 0).all():
+            stats = fused_statistics(blurred, split, alone, image_rule, {})
+            ci = intervals(stats)
+            record["ci95"] = {k: ci.get(k) for k in VIEW_METRICS if k in ci}
+        out[v] = record
+    return out
 
 
 def fused_statistics(blurred: Mapping[str, np.ndarray], split: Mapping[str, Any], alpha: Mapping[str, float],
@@ -320,6 +389,8 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
     outputs = getattr(method, "view_outputs", None)
     if not outputs:
         raise TexadError("fusion.search needs a method that keeps per-view maps (cfa / spcfa)")
+    orders = fusion_cfg.get("blur_orders") or [str(method.hparams.get("blur_order", "after"))]
+    rule = (str(method.hparams.get("image_score", "max")), float(method.hparams.get("image_score_fraction", 0.01)))
     result, val, test = refuse(
         outputs,
         blur_sigma=float(method.hparams.blur_sigma),
@@ -327,18 +398,24 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
         step=float(fusion_cfg.get("step", 0.05)),
         screen_stride=int(fusion_cfg.get("screen_stride", 1)),
         refine_top=int(fusion_cfg.get("refine_top", 5)),
-        image_rule=(str(method.hparams.get("image_score", "max")), float(method.hparams.get("image_score_fraction", 0.01))),
+        image_rule=rule,
+        blur_orders=[str(o) for o in orders],
     )
     record = result.as_record()
     record["trained_alpha"] = [float(a) for a in method.hparams.alpha]
+    record["trained_blur_order"] = str(method.hparams.get("blur_order", "after"))
     record["test_at_trained_alpha"] = {k: v for k, v in results["test"].items() if k != "ci95"}
     method.test_statistics = test.pop("statistics", None)
+    if len(outputs["test"]["maps"]) > 1:  # each view alone at the chosen blur order (α does not change them)
+        for name, split in (("val", val), ("test", test)):
+            split["views"] = view_records(outputs[name], float(method.hparams.blur_sigma), result.blur_order, rule)
+            split["blur_order"] = result.blur_order
     results["val"], results["test"] = val, test
     return record
 
 
 __all__ = [
-    "FusionObjective", "FusionResult", "blur_views", "fuse_blurred", "fused_metrics", "grid_search", "refuse", "refuse_method",
+    "BLUR_ORDERS", "FusionObjective", "FusionResult", "blur_views", "mosaic_blurred", "order_blurred", "view_records", "fuse_blurred", "fused_metrics", "grid_search", "refuse", "refuse_method",
     "simplex_grid",
     "time_refusion",
 ]

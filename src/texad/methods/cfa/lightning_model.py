@@ -21,6 +21,7 @@ from texad.data.batch import Batch
 from texad.data.superpixel_views import DEFAULT_SLIC, SuperpixelViews
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
+from texad.methods.cfa.fusion import BLUR_ORDERS, order_blurred, view_records
 from texad.methods.cfa.torch_model import CFAModel
 from texad.methods.cfa.view_cache import ViewCache, state_digest, view_description
 from texad.methods.components.image_score import image_score as image_score_of
@@ -76,10 +77,14 @@ class CFA(AnomalyModule):
         image_score: str = "max",
         image_score_fraction: float = 0.01,
         calibration: str = "none",
+        blur_order: str = "after",
+        view_overlays: int = 8,
     ) -> None:
         super().__init__()
         region_sizes = [None if r is None else int(r) for r in region_sizes]
         _check_alpha(alpha, region_sizes)
+        if blur_order not in BLUR_ORDERS:
+            raise TexadError(f"method.blur_order must be one of {list(BLUR_ORDERS)}, got {blur_order!r}")
         self.save_hyperparameters(ignore=["backbone"])
         self.model = CFAModel(
             backbone,
@@ -261,7 +266,8 @@ class CFA(AnomalyModule):
         return trainer is not None and trainer.state.fn in ("validate", "test")
 
     def _maps_key(self, view: str, split: str) -> str:
-        return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split])
+        # "maps-2": a superpixel view's cached map is (2,H,W): unsmoothed, and blurred in mosaic coordinates
+        return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split, "maps-2"])
 
     def _start_split(self, split: str) -> None:
         self._split = split if self._evaluating() else None
@@ -289,6 +295,7 @@ class CFA(AnomalyModule):
         out = self.view_outputs.get(split)
         if out:
             out["maps"] = {v: torch.cat(m) for v, m in out["maps"].items()}
+            out["mosaic_blurred"] = {v: torch.cat(m) for v, m in out["mosaic_blurred"].items()}
             out["masks"] = torch.cat(out["masks"]) if out["masks"] and out["masks"][0] is not None else None
             out["labels"] = torch.cat(out["labels"])
         self._split = None
@@ -299,43 +306,113 @@ class CFA(AnomalyModule):
     def on_validation_epoch_end(self) -> None:
         self._end_split("val")
         super().on_validation_epoch_end()
+        if self._evaluating():
+            self._view_record("val")
 
     def on_test_epoch_end(self) -> None:
         self._end_split("test")
         super().on_test_epoch_end()
-
-    def _collect(self, batch: Batch, views: dict[str, torch.Tensor]) -> None:
-        """Keep unsmoothed per-view maps of the split, for α re-fusion (texad.methods.cfa.fusion)."""
-        out = self.view_outputs.setdefault(
-            self._split, {"paths": [], "types": [], "maps": {v: [] for v in views}, "masks": [], "labels": []}
-        )
-        out["paths"].extend(batch.path)
-        out["types"].extend(batch.defect_type)
-        for v, m in views.items():
-            out["maps"][v].append(m.detach().float().cpu())
-        out["masks"].append(None if batch.mask is None else batch.mask[:, 0].detach().cpu() > 0.5)
-        out["labels"].append(batch.label.detach().cpu())
+        if self._evaluating():
+            self._view_record("test")
 
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
         if not self.model.banks_built:
             raise TexadError("CFA has no memory bank: train it first (or load a trained checkpoint)")
         size = tuple(batch.image.shape[-2:])
         views: dict[str, torch.Tensor] = {}
+        pre: dict[str, torch.Tensor] = {}  # superpixel views blurred in mosaic coordinates, mapped back
         if self._split:
             for v, cached in self._cached_maps.items():
                 if cached and all(p in cached for p in batch.path):
-                    views[v] = torch.stack([cached[p] for p in batch.path]).to(batch.image.device)
+                    stacked = torch.stack([cached[p] for p in batch.path]).to(batch.image.device)
+                    if v == "org":
+                        views[v] = stacked
+                    else:
+                        views[v], pre[v] = stacked[:, 0], stacked[:, 1]
         todo = [v for v in self.model.view_names if v not in views]
         if todo:
-            views.update(self.model.view_maps(self._feats(batch, todo), size, batch.superpixels))
+            views.update(self.model.view_maps(self._feats(batch, todo), size, batch.superpixels, pre))
             if self._split:
                 for v in todo:
-                    self._computed_maps[v].update(zip(batch.path, views[v].detach().float().cpu()))
+                    kept = views[v] if v == "org" else torch.stack([views[v], pre[v]], dim=1)
+                    self._computed_maps[v].update(zip(batch.path, kept.detach().float().cpu()))
         views = {v: views[v] for v in self.model.view_names}
         if self._split:
-            self._collect(batch, views)
-        amap = self.model.fuse(views)
+            self._collect(batch, views, pre)
+        if self.hparams.blur_order == "mosaic" and len(views) > 1:
+            alpha = self.model.alpha
+            amap = sum(alpha.get(v, 0.0) * (self.model.fuse({v: m}, {v: 1.0}) if v == "org" else pre[v])
+                       for v, m in views.items())
+        else:
+            amap = self.model.fuse(views)
         score = image_score_of(amap, self.hparams.image_score, self.hparams.image_score_fraction)
         out: dict[str, Any] = {"anomaly_map": amap, "pred_score": score}
         out["view_maps"] = views
         return out
+
+    # --- each view alone (metrics.json `views`, view overlays) -----------------------------------
+    def _view_record(self, split: str) -> None:
+        """Put each view's metrics alone under `results[split]["views"]` (Sp-CFA only)."""
+        out = self.view_outputs.get(split)
+        if not out or len(out["maps"]) < 2 or split not in self.results:
+            return
+        rule = (self.hparams.image_score, self.hparams.image_score_fraction)
+        self.results[split]["views"] = view_records(out, float(self.hparams.blur_sigma), self.hparams.blur_order, rule)
+        self.results[split]["blur_order"] = self.hparams.blur_order
+        if split == "test" and self._run_dir is not None and self.hparams.view_overlays > 0:
+            self._write_view_overlays(out)
+
+    def _write_view_overlays(self, out: dict[str, Any]) -> None:
+        """overlays_views/<type>/<name>.png: input with the ground truth, the fused map and each view
+        alone (blurred as fused), each on its own colour scale over the split, for a few test images."""
+        from texad.methods.cfa.figures import view_overlay_figure
+        from texad.viz import save_figure
+
+        blurred = order_blurred(out, float(self.hparams.blur_sigma), self.hparams.blur_order)
+        alpha = self.model.alpha
+        fused = sum(alpha.get(v, 0.0) * torch.from_numpy(b) for v, b in blurred.items()).numpy()
+        panels = {"fused": fused, **blurred}
+        ranges = {k: (float(m.min()), float(m.max())) for k, m in panels.items()}
+        for i in self._overlay_indices(out):
+            name = Path(out["paths"][i]).stem
+            kind = str(out["types"][i] or "unknown")
+            fig = view_overlay_figure(out["images"][i], {k: m[i] for k, m in panels.items()}, ranges,
+                                      None if out["masks"] is None else out["masks"][i].numpy(),
+                                      title=f"{kind}/{name}  α={[round(alpha.get(v, 0.0), 3) for v in blurred]}  "
+                                            f"blur {self.hparams.blur_order}")
+            save_figure(fig, self._run_dir / "overlays_views" / kind / f"{name}.png")
+
+    def _overlay_indices(self, out: dict[str, Any]) -> list[int]:
+        """Up to `view_overlays` test images whose picture was kept, round-robin over the defect types."""
+        by_type: dict[str, list[int]] = {}
+        for i in sorted(out["images"]):
+            by_type.setdefault(str(out["types"][i]), []).append(i)
+        rounds = max((len(g) for g in by_type.values()), default=0)
+        order = [g[r] for r in range(rounds) for g in by_type.values() if r < len(g)]
+        return order[: self.hparams.view_overlays]
+
+    def _collect(self, batch: Batch, views: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> None:
+        """Keep unsmoothed per-view maps of the split (and the superpixel views blurred in mosaic
+        coordinates), for α / blur-order re-fusion (texad.methods.cfa.fusion) and the views' record."""
+        out = self.view_outputs.setdefault(
+            self._split, {"paths": [], "types": [], "maps": {v: [] for v in views}, "masks": [], "labels": [],
+                          "mosaic_blurred": {v: [] for v in pre}, "images": {}}
+        )
+        if self._split == "test" and len(views) > 1:  # pictures for the view overlays: a few per type
+            from texad.data.images import denormalize
+
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+            per_type = [str(t) for t in out["types"]]
+            for i, kind in enumerate(batch.defect_type):
+                if mean is not None and per_type.count(str(kind)) < 2:
+                    out["images"][len(out["paths"]) + i] = denormalize(batch.image[i].detach().cpu(), mean, std)
+                per_type.append(str(kind))
+        out["paths"].extend(batch.path)
+        out["types"].extend(batch.defect_type)
+        for v, m in views.items():
+            out["maps"][v].append(m.detach().float().cpu())
+        for v, m in pre.items():
+            out["mosaic_blurred"][v].append(m.detach().float().cpu())
+        out["masks"].append(None if batch.mask is None else batch.mask[:, 0].detach().cpu() > 0.5)
+        out["labels"].append(batch.label.detach().cpu())

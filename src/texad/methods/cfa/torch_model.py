@@ -22,6 +22,7 @@ from texad.methods.cfa.memory_bank import MemoryBank
 from texad.methods.cfa.scorer import SCORERS
 from texad.methods.components.fitted_state import FittedBuffers
 from texad.methods.components.gaussian import gaussian_blur2d
+from texad.methods.cfa.fusion import mosaic_blurred as blur_in_mosaic
 from texad.methods.components.nearest import nearest_sq_distances
 
 VIEWS = ("org", "small", "big")
@@ -183,10 +184,13 @@ class CFAModel(nn.Module):
         feats: dict[str, torch.Tensor],
         size: tuple[int, int],
         superpixels: torch.Tensor | None = None,
+        mosaic_blurred: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unsmoothed per-view maps (B,H,W) in image coordinates (mosaic views mapped back).
 
         Only the views present in `feats` are computed; `superpixels` levels follow `view_names[1:]`.
+        A dict passed as `mosaic_blurred` receives, for each superpixel view, its map blurred in
+        mosaic coordinates and then mapped back (the paper's order, `fusion.BLUR_ORDERS`).
         """
         maps = {}
         for i, v in enumerate(self.view_names):
@@ -195,7 +199,8 @@ class CFAModel(nn.Module):
             s = self.heads[v].score(feats[v])
             s = resample(s, self.feature_grid(size, tuple(s.shape[-2:])), size)
             if v != "org":
-
+                if mosaic_blurred is not None:
+                    mosaic_blurred[v] = blur_in_mosaic(s, superpixels[:, i - 1], self.blur_sigma)
                 s = inverse_mosaic(s, superpixels[:, i - 1])
             maps[v] = s
         return maps
