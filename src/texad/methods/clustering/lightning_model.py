@@ -75,7 +75,7 @@ from texad.methods.clustering.torch_model import (
 from texad.data.type_families import TYPE_FAMILIES
 from texad.metrics.clustering import ClusteringMetrics, paired_clustering_differences
 from texad.outputs import read_npz_array
-from texad.writers import sample_name
+from texad.artifacts import sample_name
 
 log = logging.getLogger(__name__)
 
