@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from texad.backbones import IMAGENET_MEAN, IMAGENET_STD
 from texad.data.images import denormalize
 from texad.metrics.functional import pixel_operating_points, pixel_scores_from, pro_curve_from
-from texad.artifacts import sample_name, save_map, write_csv  # noqa: F401 (save_map, write_csv re-exported)
+from texad.artifacts import sample_name, save_map, write_csv
 from texad.viz import overlay_figure, pr_figure, pro_figure, save_figure
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from texad.data.batch import Batch
+from texad.errors import TexadError
 from texad.metrics import ImageMetrics, PixelMetrics
 from texad.metrics.bootstrap import TestStatistics, collect_statistics, intervals
 from texad.metrics.border import ratio_of_sums, ring_sums
@@ -76,6 +77,27 @@ class AnomalyModule(L.LightningModule):
 
     def finish_fit(self, datamodule: L.LightningDataModule) -> None:
         """Called after fit on rank 0 (e.g. to store trained parts in a cache)."""
+
+    # --- hooks the pipeline calls on every method (defaults: nothing to do) ---------------------
+    @staticmethod
+    def describe_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
+        """What of the run (the resolved config, a plain mapping) decides the parts this method caches
+        across runs; handed back to `attach_views` as `run_description`, used only for cache keys."""
+        return {}
+
+    def attach_views(
+        self, datamodule: L.LightningDataModule, *, cache_dir: str | Path, output_dir: Path | None,
+        run_description: dict[str, Any],
+    ) -> None:
+        """Called once after building: give the datamodule what the method needs in its batches (e.g.
+        Sp-CFA's superpixel mosaics) and tell the method its cache dir and run dir."""
+
+    def refuse(self, results: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        """evaluate.py's `fusion.search`: re-choose the fusion of per-view maps on validation after an
+        evaluation, replace `results["val"]` / `results["test"]` by the metrics at that choice and return
+        a record of it for metrics.json. Only methods with several fused views implement it."""
+        raise TexadError(f"fusion.search needs a method that keeps per-view maps (cfa / spcfa), "
+                         f"not {type(self).__name__}")
 
     # --- the method contract -------------------------------------------------------------------
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
