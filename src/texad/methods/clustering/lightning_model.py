@@ -48,7 +48,7 @@ from texad.data.datamodule import EpochSeededShuffle
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.methods.clustering.figures import write_cluster_outputs
-from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, build_localizer, fit_localizer
+from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, ClusteredImages, build_localizer, fit_localizer
 from texad.methods.clustering.number import K_CRITERIA, cut_tree, ward_linkage
 from texad.methods.clustering.selection import (
     HeadSetting,
@@ -305,6 +305,12 @@ class AnomalyClustering(AnomalyModule):
                             num_workers=datamodule.num_workers, collate_fn=collate)
         return [dataset.samples[i] for i in indices], loader
 
+    def _clustered_images(self, datamodule: Any) -> ClusteredImages:
+        """The clustered images as a training set, for a localiser fitted on them (map_sources)."""
+        samples, loader = self._clustered_loader(datamodule)
+        return ClusteredImages(samples, loader.dataset, datamodule.batch_size, datamodule.eval_batch_size,
+                               int(self.hparams.seed))
+
     def _collect(self, datamodule: Any) -> tuple[list, torch.Tensor, torch.Tensor]:
         """Samples, features (N,C,h,w) and maps (N,h,w) of the clustered test images."""
         samples, loader = self._clustered_loader(datamodule)
@@ -410,9 +416,7 @@ class AnomalyClustering(AnomalyModule):
     def prepare_fit(self, datamodule: Any) -> bool:
         self._remember_display(datamodule)
         if self.maps_source in LOCALIZED:
-            info = fit_localizer(self.maps_source, self.model.localizer, datamodule,
-                                 lambda: (_to(b, self.device) for b in self._clustered_loader(datamodule)[1]),
-                                 self.device, int(self.hparams.seed))
+            info = fit_localizer(self.maps_source, self.model.localizer, datamodule, self._clustered_images(datamodule))
             self.fit_info.update(info)
         if self.needs_normal:
             self._sample_normal_pixels(datamodule)
