@@ -21,7 +21,7 @@ from texad.errors import TexadError
 from scipy.cluster.hierarchy import fcluster
 
 from texad.methods.clustering.number import estimate_k, height_cut_k, neighbour_scale, ward_linkage
-from texad.methods.clustering.selection import (
+from texad.methods.clustering.validation_choice import (
     HeadSetting,
     RawSetting,
     Validation,
