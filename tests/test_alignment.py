@@ -16,6 +16,7 @@ from scipy import ndimage
 from conftest import compose_cfg
 from texad.backbones import FeatureExtractor, padded_features
 from texad.geometry import PIXELS, Grid, even_grid, resample, sampling_matrix
+from texad.geometry.probe import _probe_side, probe_offsets
 from texad.pipeline import build
 
 SIDE = 256
@@ -57,47 +58,71 @@ def layer_maps(fe: FeatureExtractor, images: torch.Tensor):
     return padded_features(extract, images, PAD, "zeros")
 
 
-def dot_places(fe: FeatureExtractor) -> list[list[tuple[int, int, int, int]]]:
-    """Per layer, (nominal y, x, dot y, x): the dot on the pixel nearest to the cell centre nearest to
-    each nominal place (a cell's aligned response peaks on its own centre, so the dot sits on one)."""
-    _, grids = layer_maps(fe, torch.zeros(1, 3, SIDE, SIDE))
+#: the aligned peaks are read on a target grid of FINE px, so a grid off by a fraction of a pixel shows
+FINE = 1 / 8
+
+
+def reference_grids(fe: FeatureExtractor) -> list[Grid]:
+    """Each layer's cell centres on the (cropped) probe images as the impulse probe measures them for this
+    network, run here directly: independent of the extractor's `LayerGeometry` (its cache, its bookkeeping,
+    the padding crop), which is what is under test. The probe itself is checked against a network of known
+    geometry (`test_probe_finds_the_hand_computed_centres_of_strided_box_convolutions`)."""
+    period = 2 * max(fe.strides)
+    side = _probe_side(SIDE + 2 * PAD, period)
+    offsets, _ = probe_offsets(fe.forward, fe.strides, (side, side))
+    # PAD is a multiple of every stride: dropping PAD/s cells and PAD pixels leaves cell i at offset + s·i
+    return [Grid((float(s), float(s)), o) for s, o in zip(fe.strides, offsets)]
+
+
+def dot_places(fe: FeatureExtractor) -> list[list[tuple[float, float, int, int]]]:
+    """Per layer, (reference centre y, x, dot y, x): the dot on the pixel nearest to the reference centre
+    nearest to each nominal place."""
     out = []
-    for grid in grids:
+    for grid in reference_grids(fe):
         rows = []
         for y, x in PLACES:
             cy = grid.offset[0] + grid.stride[0] * round((y - grid.offset[0]) / grid.stride[0])
             cx = grid.offset[1] + grid.stride[1] * round((x - grid.offset[1]) / grid.stride[1])
-            rows.append((y, x, int(round(cy)), int(round(cx))))
+            rows.append((cy, cx, int(round(cy)), int(round(cx))))
         out.append(rows)
     return out
 
 
-def aligned_peaks(fe: FeatureExtractor, places: list[list[tuple[int, int, int, int]]]) -> list[list[tuple[int, int]]]:
-    """Per layer and place: the peak pixel of the layer's response to a dot at that place, resampled to
-    the image grid by the extractor's own geometry."""
+def aligned_peaks(fe: FeatureExtractor, places: list[list[tuple[float, float, int, int]]]) -> list[list[tuple[float, float]]]:
+    """Per layer and place: where the layer's response to a dot at that place peaks, resampled by the
+    extractor's own geometry onto a 1/8-px grid (image coordinates): the centre of the cell that answers most."""
     blank = torch.zeros(1, 3, SIDE, SIDE)
     reference, grids = layer_maps(fe, blank)
+    fine = Grid((FINE, FINE), (0.0, 0.0))
     peaks = []
     for layer, (grid, ref) in enumerate(zip(grids, reference)):
         row = []
-        for _, _, py, px in places[layer]:
+        for cy, cx, py, px in places[layer]:
             image = blank.clone()
             image[0, :, py, px] = 5.0
             response = (layer_maps(fe, image)[0][layer] - ref).abs().sum(1)
-            aligned = resample(response, grid, (SIDE, SIDE))[0]
+            # a window of ±2 strides around the dot, on the fine target grid
+            reach = 2 * grid.stride[0]
+            y0, x0 = max(0.0, py - reach), max(0.0, px - reach)
+            n = int(2 * reach / FINE) + 1
+            window = Grid((FINE, FINE), (y0, x0))
+            aligned = resample(response, grid, (n, n), window)[0]
             at = int(aligned.flatten().argmax())
-            row.append((at // SIDE, at % SIDE))
+            row.append((y0 + FINE * (at // n), x0 + FINE * (at % n)))
         peaks.append(row)
     return peaks
 
 
 def check_dots_land(fe: FeatureExtractor) -> None:
+    """The cell that answers a dot most is the one it sits on, and the extractor draws that cell's peak within
+    half a pixel of where the probe measures its centre: a grid off by 1 px or more fails."""
     places = dot_places(fe)
     peaks = aligned_peaks(fe, places)
     for layer, (rows, found) in enumerate(zip(places, peaks)):
-        for (_, _, py, px), (qy, qx) in zip(rows, found):
-            assert abs(qy - py) <= 1 and abs(qx - px) <= 1, (
-                f"{fe.name} layer {fe.layers[layer]}: dot at {(py, px)} peaks at {(qy, qx)}")
+        for (cy, cx, py, px), (qy, qx) in zip(rows, found):
+            assert abs(qy - cy) < 0.5 and abs(qx - cx) < 0.5, (
+                f"{fe.name} layer {fe.layers[layer]}: dot at {(py, px)} on a cell centred at ({cy:.2f}, {cx:.2f}) "
+                f"peaks at ({qy:.2f}, {qx:.2f})")
 
 
 @pytest.mark.slow
@@ -121,7 +146,7 @@ def test_the_legacy_alignment_draws_the_deep_layers_far_down_right():
     places = dot_places(fe)
     legacy = FeatureExtractor("efficientnet_lite0", layers=(1, 2, 3), weights="package", alignment="legacy")
     peaks = aligned_peaks(legacy, places)
-    shifts = torch.tensor([[qy - py, qx - px] for (_, _, py, px), (qy, qx) in zip(places[2], peaks[2])]).float()
+    shifts = torch.tensor([[qy - cy, qx - cx] for (cy, cx, _, _), (qy, qx) in zip(places[2], peaks[2])]).float()
     assert (shifts.median(0).values >= 9).all(), shifts
 
 
@@ -236,3 +261,47 @@ def test_a_planted_square_is_drawn_on_itself(tmp_path, method, one_thread):
     if method in ("patchcore", "padim", "cfa"):  # the memory-bank methods were drawn down-right before
         legacy = planted_square_errors(tmp_path / "legacy", method, "backbone.alignment=legacy")
         assert (legacy.mean(0) > 5).all(), (method, legacy)
+
+
+class StridedBoxes(torch.nn.Module):
+    """Three strided convolutions with all-ones kernels, so each cell answers its receptive field evenly and
+    its centre is where convolution arithmetic puts it (worked out by hand, pixel i spans [i - ½, i + ½]):
+
+    * a: kernel 2, stride 2, no padding: cell i reads pixels 2i, 2i+1, centred at 2i + 0.5;
+    * b: kernel 3, stride 2, padding 1 on a: cell j reads a's cells 2j-1, 2j, 2j+1, centred on a's
+      cell 2j, i.e. at 2·(2j) + 0.5 = 4j + 0.5;
+    * c: kernel 4, stride 2, padding 1 on b: cell k reads b's cells 2k-1 … 2k+2, centred between b's cells
+      2k and 2k+1, i.e. at 4·(2k + 0.5) + 0.5 = 8k + 2.5.
+    """
+
+    CENTRES = [(2, 0.5), (4, 0.5), (8, 2.5)]  # (stride, offset of cell 0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 2, 2, stride=2, padding=0, bias=False)
+        self.b = torch.nn.Conv2d(2, 2, 3, stride=2, padding=1, bias=False)
+        self.c = torch.nn.Conv2d(2, 2, 4, stride=2, padding=1, bias=False)
+        for conv in (self.a, self.b, self.c):
+            torch.nn.init.ones_(conv.weight)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = self.a(x)
+        b = self.b(a)
+        return [a, b, self.c(b)]
+
+
+@torch.no_grad()
+def test_probe_finds_the_hand_computed_centres_of_strided_box_convolutions():
+    net = StridedBoxes()
+    strides = [s for s, _ in StridedBoxes.CENTRES]
+    offsets, _ = probe_offsets(net, strides, (64, 64))
+    for (stride, centre), (oy, ox) in zip(StridedBoxes.CENTRES, offsets):
+        assert oy == pytest.approx(centre, abs=0.02) and ox == pytest.approx(centre, abs=0.02), (stride, oy, ox)
+    # and through LayerGeometry, as the extractors use it: cell i of each layer at offset + stride·i
+    from texad.geometry import LayerGeometry
+
+    geometry = LayerGeometry(net, strides, lambda: net, "strided boxes")
+    grids = geometry.grids_of((64, 64), net(torch.zeros(1, 3, 64, 64)))
+    assert [v for g in grids for v in g.offset] == pytest.approx([c for _, c in StridedBoxes.CENTRES for _ in "yx"],
+                                                                 abs=0.02)
+    assert [g.stride for g in grids] == [(float(s), float(s)) for s in strides]

@@ -22,6 +22,8 @@ torch.set_num_threads(1)
 SIDE = 256  # at 96-192 px even the ground-truth masks separate these types poorly (NMI 0.26-0.65)
 TYPES = ("blob_weave", "line_thin", "contrast_up")  # one family of three different pairs
 PER_TYPE = 5
+#: head NMI − raw NMI the trained head must beat (measured over seeds 0-3: 0.205 each)
+HEAD_MARGIN = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,10 @@ def test_the_method_separates_clearly_different_types_and_random_descriptors_do_
     print(f"method: NMI raw {record['raw_nmi']:.3f} head {record['nmi']:.3f}, k estimated {record['k_estimated']}")
     # measured: NMI raw 0.636 / head 0.841 (FCA maps, 15 images of 3 types; k estimated 3)
     assert record["n_types"] == len(TYPES) and record["n_clustered"] == len(TYPES) * PER_TYPE
-    assert record["raw_nmi"] > 0.5 and record["nmi"] > 0.6
+    assert record["raw_nmi"] > 0.5
+    # the head must learn: head − raw measured 0.205 at seeds 0, 1, 2 and 3 alike (raw 0.636, head 0.841; the
+    # raw descriptors do not depend on the seed), so a margin of about half of it
+    assert record["nmi"] > record["raw_nmi"] + HEAD_MARGIN
     # a folder without validation normals: the configured settings are used, and the record says so
     assert record["selection"]["status"].startswith("off: dataset")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from texad.errors import TexadError
 from scipy.cluster.hierarchy import fcluster
 
 from texad.methods.clustering.number import estimate_k, height_cut_k, neighbour_scale, ward_linkage
-from texad.methods.clustering.selection import (
+from texad.methods.clustering.validation_choice import (
     HeadSetting,
     RawSetting,
     Validation,
@@ -238,11 +239,19 @@ def test_a_run_chooses_on_validation_records_it_and_its_checkpoint_reproduces_it
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["selection"]["chosen"] == json.loads(json.dumps(sel["chosen"]))
     assert "pixel_aupr" in record["ci95"]  # the measurement's own intervals stay beside the clustering's
-    for key in ("head_minus_raw_nmi", "true_k_head_minus_raw_nmi", "true_k_head_minus_raw_cluster_f1"):
+    # head − raw against an independent computation: scikit-learn's NMI of the clusters written to clusters.csv
+    with open(tmp_path / "run" / "clusters.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    truth = [r["defect_type"] for r in rows]
+    for key, head, raw in (("head_minus_raw_nmi", "cluster", "raw_cluster"),
+                           ("true_k_head_minus_raw_nmi", "cluster_true_k", "raw_cluster_true_k")):
+        nmi_head = normalized_mutual_info_score(truth, [r[head] for r in rows])
+        nmi_raw = normalized_mutual_info_score(truth, [r[raw] for r in rows])
         d = record["ci95"][key]
-        assert d["low"] <= d["high"] and d["difference"] == pytest.approx(
-            (record["true_k_nmi"] - record["true_k_raw_nmi"]) if key.startswith("true_k_") and key.endswith("nmi")
-            else d["a"] - d["b"])
+        assert d["a"] == pytest.approx(nmi_head, abs=1e-9) and d["b"] == pytest.approx(nmi_raw, abs=1e-9), key
+        assert d["difference"] == pytest.approx(nmi_head - nmi_raw, abs=1e-9) and d["low"] <= d["high"], key
+    d = record["ci95"]["true_k_head_minus_raw_cluster_f1"]
+    assert d["difference"] == pytest.approx(record["true_k_cluster_f1"] - record["true_k_raw_cluster_f1"], abs=1e-9)
     for name in ("cluster_grid.png", "dendrogram.png", "clusters.csv"):
         assert (tmp_path / "run" / name).is_file()
     again = evaluate(compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}", "logger=none"],

@@ -26,7 +26,6 @@ def make_run(root: Path, num: int, overrides: dict[str, object], metrics: dict |
     return run
 
 
-@pytest.mark.slow
 def test_default_ranking_is_the_runs_optimized_metric_not_test(tmp_path):
     # validation and test disagree on purpose: validation order a > b > c, test order c > b > a
     for num, (lr, val, test) in enumerate([("0.1", 0.9, 0.1), ("0.2", 0.5, 0.5), ("0.3", 0.2, 0.8)]):
@@ -51,7 +50,6 @@ def test_runs_without_a_config_rank_by_val_pixel_aupr(tmp_path):
     assert [r.run for r in summarize(tmp_path).runs] == ["1", "0"]
 
 
-@pytest.mark.slow
 def test_a_test_sort_key_is_allowed_with_a_warning(tmp_path, capsys):
     for num, (val, test) in enumerate([(0.9, 0.1), (0.1, 0.9)]):
         make_run(tmp_path, num, {"method.lr": num}, {"pixel_aupr": test, "val": {"pixel_aupr": val}})
@@ -67,7 +65,6 @@ def test_a_test_sort_key_is_allowed_with_a_warning(tmp_path, capsys):
     assert not is_test_metric("wall_time_s")
 
 
-@pytest.mark.slow
 def test_runs_differing_only_in_seed_are_pooled_into_mean_and_std(tmp_path):
     rng = np.random.default_rng(0)
     expected = {}
@@ -101,7 +98,6 @@ def test_runs_differing_only_in_seed_are_pooled_into_mean_and_std(tmp_path):
     assert len(per_run) == 7 and "seed" in per_run[0]
 
 
-@pytest.mark.slow
 def test_one_seed_per_setting_writes_no_pooled_table(tmp_path):
     for num in range(2):
         make_run(tmp_path, num, {"method.lr": num}, {"pixel_aupr": 0.5, "val": {"pixel_aupr": 0.5}})

@@ -275,7 +275,7 @@ def elpv_labels_by_name():
 @pytest.mark.slow
 @pytest.mark.parametrize("cell_type", ["mono", "poly", "all"])
 def test_elpv_layout_labels_and_cell_type(tmp_path, cell_type):
-    pytest.importorskip("elpv_dataset")
+    import elpv_dataset  # noqa: F401  (a hard dependency, pyproject.toml: a broken install fails here, never skips)
     folder = ensure_elpv_set(tmp_path, cell_type=cell_type, limit=10, image_size=64)
     assert folder.name == ("elpv" if cell_type == "all" else f"elpv_{cell_type}")
     assert {p.name for p in folder.iterdir()} == {"train", "test", MARKER}
@@ -296,7 +296,7 @@ def test_elpv_layout_labels_and_cell_type(tmp_path, cell_type):
 
 @pytest.mark.slow
 def test_elpv_is_deterministic_and_copies_originals(tmp_path, monkeypatch):
-    pytest.importorskip("elpv_dataset")
+    import elpv_dataset  # noqa: F401  (a hard dependency, pyproject.toml: a broken install fails here, never skips)
     a = ensure_elpv_set(tmp_path / "a", cell_type="poly", limit=6, seed=3)
     b = ensure_elpv_set(tmp_path / "b", cell_type="poly", limit=6, seed=3)
     assert files_of(a) == files_of(b)
@@ -308,7 +308,7 @@ def test_elpv_is_deterministic_and_copies_originals(tmp_path, monkeypatch):
 
 
 def test_elpv_full_label_counts():
-    pytest.importorskip("elpv_dataset")
+    import elpv_dataset  # noqa: F401  (a hard dependency, pyproject.toml: a broken install fails here, never skips)
     rows = embedded.elpv_labels()
     assert len(rows) == 2624
     assert sum(p == 0.0 for _, p, _ in rows) == 1508 and sum(p == 1.0 for _, p, _ in rows) == 715

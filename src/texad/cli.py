@@ -139,18 +139,31 @@ def config_choices(conf_dir: Path, group: str) -> list[str]:
     return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
 
 
+def extra_config_dirs(argv: list[str]) -> list[Path]:
+    """Config dirs a user adds on the command line (`--config-dir DIR`, `--config-dir=DIR`, `-cd DIR`):
+    their groups' options count too (e.g. a method of one's own, docs/adding-a-method.md)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+        elif arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+    return dirs
+
+
 def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
     """Refuse an unknown option of a config group with the full list of choices.
 
     Hydra's own message lists only the top level of a group (it would hide mvtec/<category>).
     """
+    extra = extra_config_dirs(argv)
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key.startswith(("+", "~", "-")) or "." in key or "(" in value:
             continue
         if "/" in key or key == "hydra" or not (conf_dir / key).is_dir():
             continue  # nested groups (hydra/launcher=joblib) may come from plugins
-        choices = config_choices(conf_dir, key)
+        choices = sorted({c for d in (conf_dir, *extra) if (d / key).is_dir() for c in config_choices(d, key)})
         for option in value.split(","):
             if option and option != "null" and option not in choices:
                 print(f"texad: error: unknown {key} {option!r}; choices: {', '.join(choices)}", file=sys.stderr)

@@ -25,8 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from texad.errors import TexadError
 from texad.feature_store import attach_store
 from texad.methods.base import AnomalyModule
-from texad.methods.cfa.fusion import refuse_method
-from texad.methods.cfa.view_cache import run_description
 from texad.metrics.bootstrap import STATISTICS_FILE
 from texad.metrics.reasons import null_reasons
 from texad.outputs import METRIC_KEYS, atomic_write, read_torch_file, write_json
@@ -49,11 +47,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
     method.texad_config = OmegaConf.to_container(cfg, resolve=True)
     output_dir = cfg.paths.get("output_dir")
     method.output_dir = Path(str(output_dir)) if output_dir else None
-    attach_views = getattr(method, "attach_views", None)
-    if attach_views is not None:
-
-        attach_views(datamodule, cache_dir=str(cfg.paths.cache_dir), output_dir=method.output_dir,
-                     run_description=run_description(cfg))
+    method.attach_views(datamodule, cache_dir=str(cfg.paths.cache_dir), output_dir=method.output_dir,
+                        run_description=method.describe_run(OmegaConf.to_container(cfg, resolve=True)))
     return datamodule, method
 
 
@@ -305,8 +300,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"ckpt_path": str(ckpt_file)}
     fusion = cfg.get("fusion") or {}
     if fusion.get("search"):
-
-        extra["fusion"] = refuse_method(method, results, fusion)
+        extra["fusion"] = method.refuse(results, fusion)
     record = metrics_record(run_cfg, results, time.time() - start, extra)
     explain_nulls(record, datamodule)
     write_statistics(method, Path(cfg.paths.output_dir))

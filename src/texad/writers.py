@@ -19,8 +19,6 @@ both curves.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,43 +32,10 @@ from tqdm.auto import tqdm
 from texad.backbones import IMAGENET_MEAN, IMAGENET_STD
 from texad.data.images import denormalize
 from texad.metrics.functional import pixel_operating_points, pixel_scores_from, pro_curve_from
-from texad.outputs import atomic_write
+from texad.artifacts import sample_name, save_map, write_csv
 from texad.viz import overlay_figure, pr_figure, pro_figure, save_figure
 
 log = logging.getLogger(__name__)
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-def sample_name(path: str) -> str:
-    """File stem of a sample (synthetic validation copies carry a '#synthetic-…' suffix)."""
-    return Path(str(path).split("#", 1)[0]).stem
-
-
-def save_map(path: str | Path, anomaly_map: np.ndarray, **extra: Any) -> Path:
-    """An anomaly map as float16 .npz (`anomaly_map`), with scalars such as the image score."""
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    peak = float(np.abs(amap).max()) if amap.size else 0.0
-    if peak > FLOAT16_MAX:
-        log.warning("anomaly map %s exceeds the float16 range (%.3g); values are clipped", path, peak)
-        amap = np.clip(amap, -FLOAT16_MAX, FLOAT16_MAX)
-    arrays = {"anomaly_map": amap.astype(np.float16), **{k: np.asarray(v) for k, v in extra.items()}}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    return atomic_write(path, write)
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    text = buf.getvalue()
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
 
 @dataclass
 class _OverlayItem:

@@ -2,19 +2,25 @@
 
 Subclasses implement `predict_maps(batch) -> dict` with at least `anomaly_map` (B,H,W, higher = more
 anomalous) and `pred_score` (B,). Validation and test then update the same torchmetrics metrics.
+
+The contract a method meets (docs/adding-a-method.md): `predict_maps`; optionally `prepare_fit` /
+`finish_fit` around the fit, `describe_run` / `attach_views` / `refuse` for the pipeline. `Localizer`
+is what another method needs of one used as its source of maps (defect-type clustering): `fit_on` a
+datamodule, then `predict_maps`; every AnomalyModule meets it through its own Lightning hooks.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from texad.data.batch import Batch
+from texad.errors import TexadError
 from texad.metrics import ImageMetrics, PixelMetrics
 from texad.metrics.bootstrap import TestStatistics, collect_statistics, intervals
 from texad.metrics.border import ratio_of_sums, ring_sums
@@ -35,6 +41,32 @@ def auroc_per_type(scored: list[tuple[float, str]], normal: str = "good") -> dic
         bad = [s for s, t in scored if t == kind]
         out[kind] = roc_auc(torch.tensor(good + bad, dtype=torch.float64), torch.tensor([0] * len(good) + [1] * len(bad)))
     return out
+
+
+@runtime_checkable
+class Localizer(Protocol):
+    """A method consumed as a source of anomaly maps: fit on a datamodule's training images, then maps for a batch."""
+
+    def fit_on(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Fit on `datamodule.train_dataloader()` (and `fit_statistics_dataloader()`) as train.py would; return
+        what to record (images, epochs, first and last epoch's mean training loss)."""
+        ...
+
+    def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """`anomaly_map` (B, H, W) and `pred_score` (B,) for a batch."""
+        ...
+
+
+class _EpochLosses(L.Callback):
+    """Mean `train/loss` of each epoch, as the method logs it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.losses.append(float(loss))
 
 
 class AnomalyModule(L.LightningModule):
@@ -76,6 +108,52 @@ class AnomalyModule(L.LightningModule):
 
     def finish_fit(self, datamodule: L.LightningDataModule) -> None:
         """Called after fit on rank 0 (e.g. to store trained parts in a cache)."""
+
+    # --- hooks the pipeline calls on every method (defaults: nothing to do) ---------------------
+    @staticmethod
+    def describe_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
+        """What of the run (the resolved config, a plain mapping) decides the parts this method caches
+        across runs; handed back to `attach_views` as `run_description`, used only for cache keys."""
+        return {}
+
+    def attach_views(
+        self, datamodule: L.LightningDataModule, *, cache_dir: str | Path, output_dir: Path | None,
+        run_description: dict[str, Any],
+    ) -> None:
+        """Called once after building: give the datamodule what the method needs in its batches (e.g.
+        Sp-CFA's superpixel mosaics) and tell the method its cache dir and run dir."""
+
+    def refuse(self, results: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        """evaluate.py's `fusion.search`: re-choose the fusion of per-view maps on validation after an
+        evaluation, replace `results["val"]` / `results["test"]` by the metrics at that choice and return
+        a record of it for metrics.json. Only methods with several fused views implement it."""
+        raise TexadError(f"fusion.search needs a method that keeps per-view maps (cfa / spcfa), "
+                         f"not {type(self).__name__}")
+
+    # --- as another method's localiser (`Localizer`) -----------------------------------------
+    def fit_on(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Fit with this method's own hooks (`prepare_fit`, `on_fit_start`, `training_step`, `on_fit_end`,
+        `finish_fit`) under a bare one-device trainer: `epochs` passes or a `max_steps` budget from the
+        method's keys, no validation, checkpoints or loggers. For a method that uses this one's maps."""
+        if not self.prepare_fit(datamodule):
+            return {}
+        datamodule.setup("fit")
+        epochs = int(self.hparams.get("epochs") or 0)
+        max_steps = int(self.hparams.get("max_steps") or -1)
+        losses = _EpochLosses()
+        trainer = L.Trainer(
+            accelerator="cpu" if self.device.type == "cpu" else self.device.type, devices=1,
+            max_epochs=epochs, max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[losses],
+        )
+        trainer.fit(self, datamodule=datamodule)
+        self.finish_fit(datamodule)
+        self.trainer = None  # the fit is over: the method does not answer to that trainer's state
+        images = len(getattr(datamodule, "train_samples", None) or trainer.train_dataloader.dataset)
+        return {"localizer_images": images, "localizer_epochs": len(losses.losses),
+                "localizer_loss_first_epoch": losses.losses[0] if losses.losses else None,
+                "localizer_loss_last_epoch": losses.losses[-1] if losses.losses else None}
 
     # --- the method contract -------------------------------------------------------------------
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
 from texad.methods.cfa.fusion import BLUR_ORDERS, order_blurred, view_records
 from texad.methods.cfa.torch_model import CFAModel
-from texad.methods.cfa.view_cache import ViewCache, state_digest, view_description
+from texad.methods.cfa.fusion import refuse_method
+from texad.methods.cfa.view_cache import ViewCache, run_description, state_digest, view_description
 from texad.methods.components.image_score import image_score as image_score_of
 from texad.outputs import digest, write_json
 
@@ -125,6 +126,12 @@ class CFA(AnomalyModule):
     @property
     def view_region_sizes(self) -> list[int]:
         return [self.model.region_sizes[v] for v in self.model.view_names[1:]]
+
+    describe_run = staticmethod(run_description)  # what decides a trained view (cache keys)
+
+    def refuse(self, results: dict[str, Any], options: Any) -> dict[str, Any]:
+        """α re-chosen on validation from the kept per-view maps (`texad.methods.cfa.fusion.refuse_method`)."""
+        return refuse_method(self, results, options)
 
     def attach_views(
         self, datamodule: Any, *, cache_dir: str | Path, output_dir: str | Path | None, run_description: dict[str, Any]

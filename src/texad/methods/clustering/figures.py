@@ -26,7 +26,7 @@ import torch
 from scipy.cluster.hierarchy import dendrogram
 
 from texad.viz import save_figure
-from texad.writers import write_csv
+from texad.artifacts import write_csv
 
 __all__ = ["write_cluster_outputs", "plot_projection", "plot_cluster_grid", "plot_dendrogram"]
 

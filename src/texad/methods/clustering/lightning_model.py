@@ -5,7 +5,7 @@ The whole job runs inside the ordinary train/test flow:
 * ``prepare_fit`` fits the localiser when the maps come from one (``map_sources``: the blind VAE on
   the clustered set, CFA on the normal training images; FCA needs no fit), then (``selection``) turns
   the validation normals into eight typed defect families and chooses there τ, layers, mining,
-  negatives, epochs and the k rules (``selection.py``; recorded under ``selection`` in metrics.json
+  negatives, epochs and the k rules (``validation_choice.py``; recorded under ``selection`` in metrics.json
   and kept in the checkpoint), then takes the *anomalous test
   images* (the clustered set; ``include_good`` adds the normal ones as one more class), computes
   their backbone features and anomaly maps (FCA, blind VAE, CFA, the ground-truth masks, or maps
@@ -39,28 +39,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch, collate
-from texad.data.datamodule import EpochSeededShuffle
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
+from texad.methods.clustering.checkpoint_state import frozen_key, settings_from_state, settings_state
 from texad.methods.clustering.figures import write_cluster_outputs
-from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, build_localizer, fit_localizer
-from texad.methods.clustering.number import K_CRITERIA, cut_tree, ward_linkage
-from texad.methods.clustering.selection import (
-    HeadSetting,
-    RawSetting,
-    Validation,
-    check_criteria,
-    choose_head,
-    choose_k_rule,
-    choose_raw,
-    estimate_with_rule,
-    setting_descriptors,
-)
+from texad.methods.clustering.head_training import anchor_dataloader, mined_training_data
+from texad.methods.clustering.map_sources import LOCALIZED, MAP_SOURCES, ClusteredImages, build_localizer, fit_localizer
+from texad.methods.clustering.number import K_CRITERIA
+from texad.methods.clustering.report import cluster_and_score, head_vs_raw_intervals, k_reason
+from texad.methods.clustering.stored_maps import load_stored_maps
+from texad.methods.clustering.thumbnails import thumbnail, thumbnail_map
 from texad.methods.clustering.torch_model import (
     CENTERS,
     POOLINGS,
@@ -69,56 +61,18 @@ from texad.methods.clustering.torch_model import (
     anchor_loss,
     clear_border,
     maps_on_cells,
-    mine_pairs,
-    pair_training_data,
 )
-from texad.data.type_families import TYPE_FAMILIES
-from texad.metrics.clustering import ClusteringMetrics, paired_clustering_differences
-from texad.outputs import read_npz_array
-from texad.writers import sample_name
+from texad.methods.clustering.validation_choice import (
+    HeadSetting,
+    RawSetting,
+    Validation,
+    check_selection,
+    choose_settings,
+    setting_descriptors,
+)
+from texad.metrics.clustering import ClusteringMetrics
 
 log = logging.getLogger(__name__)
-
-THUMB = 96  # side of the thumbnails kept per clustered image for the cluster grid
-
-
-def stored_map_path(maps_dir: Path, path: str, defect_type: str) -> Path:
-    """Where the test output writer puts an image's map: <maps_dir>/<defect_type>/<image stem>.npz."""
-    return maps_dir / defect_type / f"{sample_name(path)}.npz"
-
-
-def load_stored_maps(maps_dir: str | Path, samples: list, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Every test image's stored map (float32, H×W), checked against the data set: one file per
-    test image, nothing else in the folder, each of the model's image size."""
-    root = Path(str(maps_dir)).expanduser()
-    if (root / "maps").is_dir() and not any(root.glob("*/*.npz")):
-        root = root / "maps"  # a run dir was given: use its maps/
-    if not root.is_dir():
-        raise TexadError(f"method.maps_dir: folder {str(root)!r} does not exist")
-    expected = {stored_map_path(root, str(s.path), s.defect_type): s for s in samples}
-    found = set(root.glob("*/*.npz"))
-    missing = sorted(str(p.relative_to(root)) for p in expected if p not in found)
-    extra = sorted(str(p.relative_to(root)) for p in found if p not in expected)
-    if missing or extra:
-        raise TexadError(
-            f"method.maps_dir {str(root)!r} holds {len(found)} maps but the test set has {len(expected)} images"
-            f" ({len(missing)} missing, e.g. {missing[:3]}; {len(extra)} not in the test set, e.g. {extra[:3]}); "
-            "expected <maps_dir>/<defect_type>/<image stem>.npz for every test image of this data set"
-        )
-    maps = {}
-    for file, sample in expected.items():
-        try:
-            amap = np.asarray(read_npz_array(file, "anomaly_map"), dtype=np.float32)
-        except Exception as err:
-            raise TexadError(f"method.maps_dir: cannot read 'anomaly_map' from {str(file)!r}: {err}") from err
-        if amap.shape != tuple(image_size):
-            raise TexadError(
-                f"method.maps_dir: map {str(file)!r} is {amap.shape[0]}x{amap.shape[1] if amap.ndim > 1 else ''} "
-                f"but the data set's images are {image_size[0]}x{image_size[1]} (dataset.image_size)"
-            )
-        maps[str(sample.path)] = torch.from_numpy(amap)
-    return maps
-
 
 class AnomalyClustering(AnomalyModule):
     """Clusters anomalous images by defect type with anomaly-map-attended descriptors and a
@@ -200,7 +154,7 @@ class AnomalyClustering(AnomalyModule):
         self.model = ClusteringModel(backbone, hidden_channels, out_channels,
                                      None if descriptor_layers is None else tuple(descriptor_layers), feature_pool,
                                      normal_pixels if self.needs_normal else 0)
-        self.selection = _check_selection(selection, epochs)
+        self.selection = check_selection(selection, epochs)
         layers = self.model.head_layers
         self.settings: dict[str, Any] = {
             "head": HeadSetting(float(temperature), layers, int(k), bool(mutual), int(n_negatives), int(epochs)),
@@ -267,17 +221,6 @@ class AnomalyClustering(AnomalyModule):
             return batch.mask[:, 0].float()
         return self.model.localizer.predict_maps(batch)["anomaly_map"]
 
-    def _thumbnail(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, THUMB, THUMB) of a normalised input image, for the cluster grid."""
-        small = F.interpolate(image[None].float(), size=(THUMB, THUMB), mode="bilinear", align_corners=False)[0]
-        if self._display is not None:
-            mean = torch.tensor(self._display[0], device=small.device).view(-1, 1, 1)
-            std = torch.tensor(self._display[1], device=small.device).view(-1, 1, 1)
-            small = small * std + mean
-        else:
-            small = (small - small.min()) / (small.max() - small.min()).clamp(min=1e-8)
-        return (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
     def _image_data(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
         """Per image: features (C,h,w) for clustered images, the map at feature (h,w) and input size."""
         if all(p in self._cache for p in batch.path):
@@ -290,9 +233,8 @@ class AnomalyClustering(AnomalyModule):
             item = {"map": low[i].cpu(), "full_map": full[i].cpu()}
             if self._clustered(int(batch.label[i])):
                 item["features"] = features[i].cpu()
-                item["thumbnail"] = self._thumbnail(batch.image[i])
-                item["thumb_map"] = F.interpolate(full[i][None, None], size=(THUMB, THUMB), mode="bilinear",
-                                                  align_corners=False)[0, 0].cpu()
+                item["thumbnail"] = thumbnail(batch.image[i], self._display)
+                item["thumb_map"] = thumbnail_map(full[i])
             self._cache[path] = item
             items.append(item)
         return items
@@ -304,6 +246,12 @@ class AnomalyClustering(AnomalyModule):
         loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, shuffle=False,
                             num_workers=datamodule.num_workers, collate_fn=collate)
         return [dataset.samples[i] for i in indices], loader
+
+    def _clustered_images(self, datamodule: Any) -> ClusteredImages:
+        """The clustered images as a training set, for a localiser fitted on them (map_sources)."""
+        samples, loader = self._clustered_loader(datamodule)
+        return ClusteredImages(samples, loader.dataset, datamodule.batch_size, datamodule.eval_batch_size,
+                               int(self.hparams.seed))
 
     def _collect(self, datamodule: Any) -> tuple[list, torch.Tensor, torch.Tensor]:
         """Samples, features (N,C,h,w) and maps (N,h,w) of the clustered test images."""
@@ -342,7 +290,7 @@ class AnomalyClustering(AnomalyModule):
         return setting_descriptors(self.model, features, clear_border(maps, self.hparams.attention_border), setting,
                                    self._options(), self.model.head if head else None)
 
-    # --- validation: typed synthetic defects choose the settings (selection.py) ---------------------
+    # --- validation: typed synthetic defects choose the settings (validation_choice.py) ---------------------
     @torch.no_grad()
     def _validation_set(self, datamodule: Any) -> tuple[Validation, str]:
         """Features and maps of the typed validation images, and where their maps come from."""
@@ -374,45 +322,20 @@ class AnomalyClustering(AnomalyModule):
             log.warning("clustering: %s", self.selection_record["status"])
             return
         val, source = self._validation_set(datamodule)
-        options = self._options()
         training = {key: hp[key] for key in ("negative_quantile", "anomalous_level", "anchor_pixels", "pair_pixels",
                                              "margin", "lr", "weight_decay")}
-        seed = int(hp.seed)
         configured = {"head": self.settings["head"], "raw": self.settings["raw"]}
-        raw, raw_table = choose_raw(self.model, val, configured["raw"], sel["temperature"], sel["layers"], options)
-        head, head_table, head_desc = choose_head(self.model, val, configured["head"], sel, options, training, seed)
-        raw_desc = setting_descriptors(self.model, val.features, val.maps, raw, options)
-        rules, rule_errors = {}, {}
-        for kind, desc in (("raw", raw_desc), ("head", head_desc)):
-            rules[kind], rule_errors[kind] = choose_k_rule(desc, val.types, sel["k_criteria"], hp.k_criterion,
-                                                           hp.k_min, hp.k_max, sel["k_subsets"], seed)
-        self.settings = {"head": head, "raw": raw, "k_rule": rules}
-        torch.manual_seed(seed)
-        self.model.set_head_layers(head.layers)  # a fresh head for the fit, reading the chosen layers
-        best = {kind: max(r["nmi"] for r in table if _same(r, chosen))
-                for kind, table, chosen in (("raw", raw_table, raw), ("head", head_table, head))}
-        self.selection_record = {
-            "status": "chosen on validation",
-            "families": sorted(set(val.types)), "images": len(val.types), "maps": source,
-            "chosen": {"head": asdict(head), "raw": asdict(raw), "k_rule": rules},
-            "val_nmi": {"head": best["head"], "raw": best["raw"],
-                        "raw_configured": raw_table[0]["nmi"]},
-            # not a switch: both are always reported; this says which one validation would trust
-            "validation_prefers": "head" if best["head"] > best["raw"] else "raw",
-            "k_rule_errors": rule_errors,
-            "candidates": {"raw": raw_table, "head": head_table},
-        }
-        log.info("clustering: chosen on %d validation images (%d families, %s maps): head %s (NMI %.3f), "
-                 "raw %s (NMI %.3f), k rules %s", len(val.types), val.n_types, source, head, best["head"], raw,
-                 best["raw"], rules)
+        self.settings, self.selection_record = choose_settings(
+            self.model, val, source, configured, sel, self._options(), training, hp.k_criterion, hp.k_min, hp.k_max,
+            int(hp.seed))
+        torch.manual_seed(int(hp.seed))
+        self.model.set_head_layers(self.settings["head"].layers)  # a fresh head for the fit, reading the chosen layers
 
     # --- fit: the localiser, then mine pairs and train the head on anchor images -----------------
     def prepare_fit(self, datamodule: Any) -> bool:
         self._remember_display(datamodule)
         if self.maps_source in LOCALIZED:
-            info = fit_localizer(self.maps_source, self.model.localizer, datamodule,
-                                 lambda: (_to(b, self.device) for b in self._clustered_loader(datamodule)[1]),
-                                 self.device, int(self.hparams.seed))
+            info = fit_localizer(self.maps_source, self.model.localizer, datamodule, self._clustered_images(datamodule))
             self.fit_info.update(info)
         if self.needs_normal:
             self._sample_normal_pixels(datamodule)
@@ -421,26 +344,18 @@ class AnomalyClustering(AnomalyModule):
         head = self.settings["head"]
         samples, features, maps = self._collect(datamodule)
         raw = self._descriptors(features, maps, head.raw(), head=False)
-        positives, negatives = mine_pairs(raw, head.k, self.hparams.negative_quantile, head.mutual)
-        types = [s.defect_type for s in samples]
-        # recorded only: how often a mined positive shares the anchor's defect type (never used to choose)
-        pairs = [(i, j) for i in range(len(types)) for j in positives[i].tolist()]
-        purity = float(np.mean([types[i] == types[j] for i, j in pairs]))
-        self.fit_info.update({"n_train_images": len(samples), "positive_purity": purity,
-                              "positives_per_image": len(pairs) / len(samples)})
-        log.info("clustering: %d images, positives of the same defect type: %.2f", len(samples), purity)
-        self._train = pair_training_data(features[:, self.model.channels(head.layers)],
-                                         clear_border(maps, self.hparams.attention_border), positives,
-                                         negatives, self.hparams.anomalous_level)
+        self._train, info = mined_training_data(
+            features[:, self.model.channels(head.layers)], clear_border(maps, self.hparams.attention_border), raw,
+            [s.defect_type for s in samples], head.k, self.hparams.negative_quantile, head.mutual,
+            self.hparams.anomalous_level)
+        self.fit_info.update(info)
         # The pipeline fits on datamodule.train_dataloader(); the head trains on anchor images of the
         # clustered set instead (see the report: a `fit_dataloader` hook in pipeline.py would do this).
         datamodule.train_dataloader = self.anchor_dataloader
         return head.epochs > 0
 
     def anchor_dataloader(self) -> DataLoader:
-        n = self._train["features"].shape[0]
-        return DataLoader(list(range(n)), batch_size=self.hparams.anchors_per_step,
-                          sampler=EpochSeededShuffle(n, self.hparams.seed), collate_fn=torch.tensor)
+        return anchor_dataloader(self._train["features"].shape[0], self.hparams.anchors_per_step, self.hparams.seed)
 
     def training_step(self, anchors: torch.Tensor, batch_idx: int) -> torch.Tensor:
         g = anchor_generator(int(self.hparams.seed), int(self.global_step))
@@ -467,28 +382,23 @@ class AnomalyClustering(AnomalyModule):
     # --- checkpoints: the localiser's frozen backbone copies stay out, like the main backbone ------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not _frozen_key(k)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not frozen_key(k)}
 
     def get_extra_state(self) -> dict[str, Any]:
         """The settings in use (validation may have chosen them) and the selection record travel in the checkpoint."""
-        return {"settings": {"head": asdict(self.settings["head"]), "raw": asdict(self.settings["raw"]),
-                             "k_rule": dict(self.settings["k_rule"])},
-                "selection": self.selection_record}
+        return settings_state(self.settings, self.selection_record)
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state["settings"]
-        head = HeadSetting(**{**saved["head"], "layers": tuple(saved["head"]["layers"])})
-        self.settings = {"head": head, "raw": RawSetting(saved["raw"]["temperature"], tuple(saved["raw"]["layers"])),
-                         "k_rule": dict(saved["k_rule"])}
-        self.selection_record = state.get("selection", self.selection_record)
-        if tuple(head.layers) != self.model.head_layers:
-            self.model.set_head_layers(head.layers)
+        self.settings, record = settings_from_state(state)
+        self.selection_record = record if record is not None else self.selection_record
+        if tuple(self.settings["head"].layers) != self.model.head_layers:
+            self.model.set_head_layers(self.settings["head"].layers)
 
     def load_method_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         if "_extra_state" in state_dict:  # before the weights: the head's input width follows the saved layers
             self.set_extra_state(state_dict["_extra_state"])
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not _frozen_key(k) and ".metrics." not in f".{k}"]
+        missing = [k for k in missing if not frozen_key(k) and ".metrics." not in f".{k}"]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -525,20 +435,6 @@ class AnomalyClustering(AnomalyModule):
         metric.reset()
         return scores
 
-    def _k_reason(self, kind: str, fixed: int | None) -> str:
-        """How the number of clusters of `kind` was chosen, in words (figures, metrics.json)."""
-        wanted = self.hparams.n_clusters
-        if wanted == "oracle":
-            return "oracle: the number of defect types"
-        if fixed is not None:
-            return f"fixed: method.n_clusters={wanted}"
-        rule = self.settings["k_rule"][kind]
-        name = (f"a Ward cut at {rule['factor']:.2f} x the median nearest-neighbour distance"
-                if rule["criterion"] == "height" else rule["criterion"])
-        if self.selection_record.get("status") == "chosen on validation":
-            return f"estimated by {name}, the k rule chosen on validation"
-        return f"estimated by {name} (method.k_criterion)"
-
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         if not self._test_paths:
@@ -553,50 +449,24 @@ class AnomalyClustering(AnomalyModule):
         features = torch.stack([self._cache[p]["features"] for p in paths]).to(self.device)
         maps = torch.stack([self._cache[p]["map"] for p in paths]).to(self.device)
         target = torch.tensor([classes.index(t) for t in types])
+        settings = {"raw": self.settings["raw"], "head": self.settings["head"].raw()}
+        with torch.no_grad():
+            descriptors = {kind: self._descriptors(features, maps, settings[kind], head=kind == "head").float().cpu()
+                           for kind in ("raw", "head")}
+        on_validation = self.selection_record.get("status") == "chosen on validation"
+        reasons = {kind: k_reason(kind, fixed, hp.n_clusters, self.settings["k_rule"][kind], on_validation)
+                   for kind in ("raw", "head")}
+        report = cluster_and_score(descriptors, classes, target, labelled, fixed, self.settings["k_rule"], reasons,
+                                   hp.k_min, hp.k_max, self._score)
         res = self.results["test"]
-        descriptors, linkages, clusters, used_k, scores, reasons = {}, {}, {}, {}, {}, {}
-        estimates: dict[str, dict[str, int]] = {}
-        for kind in ("raw", "head"):
-            prefix = "" if kind == "head" else "raw_"
-            with torch.no_grad():
-                setting = self.settings["raw"] if kind == "raw" else self.settings["head"].raw()
-                descriptors[kind] = self._descriptors(features, maps, setting, head=kind == "head").float().cpu()
-            linkages[kind] = ward_linkage(descriptors[kind])
-            k_est = None
-            if len(paths) >= 3:
-                rule = self.settings["k_rule"][kind]
-                # every criterion's estimate is recorded; the rule in use is one of them or the fitted height
-                for criterion in (*K_CRITERIA, *(["height"] if rule["criterion"] == "height" else [])):
-                    estimates.setdefault(criterion, {})[kind] = estimate_with_rule(
-                        descriptors[kind], rule if criterion == "height" else {"criterion": criterion},
-                        hp.k_min, hp.k_max, linkages[kind])
-                k_est = estimates[rule["criterion"]][kind]
-            used_k[kind] = fixed if fixed is not None else k_est
-            reasons[kind] = self._k_reason(kind, fixed)
-            clusters[kind] = cut_tree(linkages[kind], used_k[kind])
-            res[f"{prefix}n_clusters"] = used_k[kind]
-            res[f"{prefix}k_estimated"] = k_est
-            res[f"{prefix}k_rule"] = self.settings["k_rule"][kind]
-            res[f"{prefix}k_how"] = reasons[kind]
-            if not labelled:
-                scores[kind] = None
-                continue
-            scores[kind] = self._score(kind, clusters[kind], target)
-            res.update({f"{prefix}{key}": v for key, v in scores[kind].items()})
-            for tag, k_value in (("true_k", len(classes)), ("est_k", k_est)):
-                if k_value is None or k_value > len(paths):
-                    continue
-                other = self._score(kind, cut_tree(linkages[kind], k_value), target)
-                res.update({f"{tag}_{prefix}{key}": v for key, v in other.items()})
+        res.update(report.record)
         res.update({"n_clustered": len(paths), "n_types": len(classes) if labelled else None,
-                    "k_criterion": self.settings["k_rule"]["head"]["criterion"], "k_estimates": estimates,
+                    "k_criterion": self.settings["k_rule"]["head"]["criterion"], "k_estimates": report.estimates,
                     "maps_source": self.maps_source, "include_good": bool(hp.include_good),
                     "clustering_settings": {"head": asdict(self.settings["head"]), "raw": asdict(self.settings["raw"])},
                     "selection": self.selection_record, **self.fit_info})
-        true_k = {f"{prefix}cluster_true_k": cut_tree(linkages[kind], len(classes))
-                  for kind, prefix in (("head", ""), ("raw", "raw_"))} if labelled else {}
         if labelled:
-            res.setdefault("ci95", {}).update(self._head_vs_raw_intervals(clusters, true_k, target))
+            res.setdefault("ci95", {}).update(head_vs_raw_intervals(report.clusters, report.true_k, target))
         if self.epoch_losses:
             res.update({"head_loss_first_epoch": self.epoch_losses[0], "head_loss_last_epoch": self.epoch_losses[-1]})
         if labelled:
@@ -607,74 +477,10 @@ class AnomalyClustering(AnomalyModule):
                      "clusters.csv and the figures are written", classes[0])
         output_dir = self.output_dir
         if output_dir is not None and self.global_rank == 0:
-            write_cluster_outputs(Path(output_dir), paths, types, clusters, descriptors, scores, linkages, used_k,
-                                  [self._cache[p]["thumbnail"] for p in paths],
-                                  [self._cache[p]["thumb_map"] for p in paths], hp.thumbnails_per_cluster, reasons,
-                                  true_k)
-
-    @staticmethod
-    def _head_vs_raw_intervals(clusters: dict[str, np.ndarray], true_k: dict[str, np.ndarray],
-                               target: torch.Tensor) -> dict[str, Any]:
-        """Paired bootstrap (types kept, 1000 replicates, seed 0) of head − raw, at the k in use and at the true k."""
-        out = {}
-        for tag, head, raw in (("", clusters["head"], clusters["raw"]),
-                               ("true_k_", true_k["cluster_true_k"], true_k["raw_cluster_true_k"])):
-            diffs = paired_clustering_differences([head], [raw], target.numpy())
-            out.update({f"{tag}head_minus_raw_{name}": d for name, d in diffs.items()})
-        return out
-
-
-SELECTION_DEFAULTS: dict[str, Any] = {
-    "enabled": False, "families": list(TYPE_FAMILIES), "per_family": 8, "temperature": [], "layers": [],
-    "mining": [], "n_negatives": [], "epochs": [], "k_criteria": list(K_CRITERIA), "k_subsets": 3,
-}
-
-
-def _check_selection(selection: dict | None, epochs: int) -> dict[str, Any]:
-    """method.selection with defaults filled in, checked (unknown keys, empty or out-of-range values)."""
-    given = dict(selection or {})
-    unknown = sorted(set(given) - set(SELECTION_DEFAULTS))
-    if unknown:
-        raise TexadError(f"method.selection: unknown keys {unknown}; expected some of {sorted(SELECTION_DEFAULTS)}")
-    sel = {**SELECTION_DEFAULTS, **given}
-    sel["enabled"] = bool(sel["enabled"])
-    sel["families"] = [str(f) for f in sel["families"]]
-    bad = [f for f in sel["families"] if f not in TYPE_FAMILIES]
-    if bad or len(sel["families"]) < 3:
-        raise TexadError(f"method.selection.families={sel['families']}: at least 3 of {list(TYPE_FAMILIES)}")
-    if int(sel["per_family"]) < 2:
-        raise TexadError(f"method.selection.per_family must be at least 2, got {sel['per_family']}")
-    sel["per_family"] = int(sel["per_family"])
-    sel["temperature"] = [float(t) for t in sel["temperature"]]
-    if any(t <= 0 for t in sel["temperature"]):
-        raise TexadError(f"method.selection.temperature: every τ must be positive, got {sel['temperature']}")
-    sel["layers"] = [tuple(int(i) for i in ls) for ls in sel["layers"]]
-    sel["mining"] = [dict(m) for m in sel["mining"]]
-    for m in sel["mining"]:
-        if "k" not in m or int(m["k"]) < 1 or set(m) - {"k", "mutual"}:
-            raise TexadError(f"method.selection.mining: each entry is {{k: >=1, mutual: bool}}, got {m}")
-    sel["n_negatives"] = [int(n) for n in sel["n_negatives"]]
-    if any(n < 1 for n in sel["n_negatives"]):
-        raise TexadError(f"method.selection.n_negatives must all be at least 1, got {sel['n_negatives']}")
-    sel["epochs"] = sorted({int(e) for e in sel["epochs"]})
-    if sel["enabled"] and any(e < 1 or e > int(epochs) for e in sel["epochs"]):
-        raise TexadError(f"method.selection.epochs={sel['epochs']} must lie in 1..method.epochs={epochs} "
-                         "(the trainer runs at most method.epochs)")
-    sel["k_criteria"] = check_criteria([str(c) for c in sel["k_criteria"]])
-    sel["k_subsets"] = int(sel["k_subsets"])
-    if sel["k_subsets"] < 1:
-        raise TexadError(f"method.selection.k_subsets must be at least 1, got {sel['k_subsets']}")
-    return sel
-
-
-def _same(row: dict[str, Any], setting: Any) -> bool:
-    """A candidate-table row describes this setting."""
-    return all(row[key] == value for key, value in asdict(setting).items())
-
-
-def _frozen_key(key: str) -> bool:
-    """State keys of frozen backbone weights (the main one and the localiser's copies/views)."""
-    return ".backbone." in f".{key}"
+            write_cluster_outputs(Path(output_dir), paths, types, report.clusters, descriptors, report.scores,
+                                  report.linkages, report.used_k, [self._cache[p]["thumbnail"] for p in paths],
+                                  [self._cache[p]["thumb_map"] for p in paths], hp.thumbnails_per_cluster,
+                                  report.reasons, report.true_k)
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:

@@ -27,7 +27,7 @@ feature), ``standardize`` (divide by the normal images' per-channel spread), ``p
 as the paper, or a uniform average over the anomalous pixels), ``mutual`` nearest-neighbour positives,
 the descriptor's backbone layers and local pooling, and L2-normalised descriptors before Ward. τ, the
 layers, the mining, the negatives and the epochs are chosen per run on typed validation defects
-(``selection.py``).
+(``validation_choice.py``).
 """
 
 from __future__ import annotations

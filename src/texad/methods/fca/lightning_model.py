@@ -26,8 +26,9 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.base import AnomalyModule
-from texad.methods.components.fca import FCA, check_fca_keys, check_map_fits
-from texad.methods.components.feature_maps import FeatureMaps
+from texad.methods.components.fca import check_fca_keys
+from texad.methods.fca.torch_model import FCAModel
+
 
 class FCAMethod(AnomalyModule):
     """Feature Correspondence Analysis (Ardelean & Weyrich, WACV 2024), zero-shot.
@@ -69,22 +70,14 @@ class FCAMethod(AnomalyModule):
         check_fca_keys(patch_size, stride, border=border)
         if features == "backbone" and backbone is None:
             raise TexadError("method=fca with method.features=backbone needs a backbone")
-        self.model = FeatureMaps(backbone, features, layers, feature_input_size, input_padding, input_padding_mode)
-        side = self.model.map_side()
-        if side is not None:
-            check_map_fits(patch_size, side, side, self.model.describe())
-        try:
-            self.model.fca = FCA(patch_size=patch_size, stride=stride, sigma_p=sigma_p, blur_kernel=blur_kernel,
-                                 sigma_s=sigma_s, reference=reference, chunk_rows=chunk_rows,
-                                 normalize=normalize, seed=seed, border=border)
-        except TexadError as err:
-            raise TexadError(f"method: {err}") from err
+        self.model = FCAModel(backbone, features, layers, feature_input_size, input_padding, input_padding_mode,
+                              patch_size=patch_size, stride=stride, sigma_p=sigma_p, blur_kernel=blur_kernel,
+                              sigma_s=sigma_s, reference=reference, chunk_rows=chunk_rows, normalize=normalize,
+                              seed=seed, border=border)
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def predict_maps(self, batch: Batch) -> dict[str, Any]:
-        feats = self.feature_map(batch.image)
-        check_map_fits(self.hparams.patch_size, *feats.shape[-2:], self.model.describe())
-        amap = self.model.to_image(self.model.fca(feats), batch.image.shape[-2:])
+        amap = self.model.anomaly_map(batch.image)
         return {"anomaly_map": amap, "pred_score": amap.flatten(1).amax(1)}

@@ -1,6 +1,6 @@
 """PaDiM as a texad method: per-location Gaussians of the training images, no gradient steps.
 
-`on_fit_start` (see `texad.methods.components.statistics_fit`) reads the training images once and accumulates
+`on_fit_start` (see `texad.methods.statistics_module`) reads the training images once and accumulates
 the per-location mean and scatter batch by batch (bounded memory); under DDP the ranks' statistics
 are merged exactly (Chan et al.'s pairwise formula), so the Gaussians equal a one-process fit up to
 float summation order. Mean and precision matrices are buffers saved in the checkpoint.
@@ -16,7 +16,7 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.padim.torch_model import GaussianStatistics, PaDiMModel
-from texad.methods.components.statistics_fit import StatisticsModule
+from texad.methods.statistics_module import StatisticsModule
 
 
 class PaDiM(StatisticsModule):

@@ -1,6 +1,6 @@
 """PatchCore as a texad method: the memory bank is the whole fit (no gradient steps).
 
-`on_fit_start` (see `texad.methods.components.statistics_fit`) reads the training images once, keeps their
+`on_fit_start` (see `texad.methods.statistics_module`) reads the training images once, keeps their
 locally aware patch features, selects the greedy coreset on a random projection of them and stores
 the selected (unprojected) features as the bank, a buffer saved in the checkpoint. Under DDP the
 features of all ranks are gathered in image order and rank 0 selects the coreset (then broadcast),
@@ -20,7 +20,7 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.patchcore.torch_model import PatchCoreModel, greedy_coreset, random_projection
-from texad.methods.components.statistics_fit import StatisticsModule, distributed, gather_in_image_order
+from texad.methods.statistics_module import StatisticsModule, distributed, gather_in_image_order
 
 log = logging.getLogger(__name__)
 

@@ -48,12 +48,14 @@ from texad.methods.clustering.torch_model import (
     pair_training_data,
     train_head,
 )
+from texad.data.type_families import TYPE_FAMILIES
 from texad.metrics.clustering import cluster_scores
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HeadSetting", "RawSetting", "Validation", "choose_raw", "choose_head", "choose_k_rule", "check_criteria", "ward_scores",
-           "setting_descriptors", "estimate_with_rule", "K_RULES"]
+           "setting_descriptors", "estimate_with_rule", "K_RULES", "SELECTION_DEFAULTS", "check_selection",
+           "choose_settings"]
 
 
 @dataclass(frozen=True)
@@ -254,3 +256,85 @@ def check_criteria(criteria: Sequence[str]) -> list[str]:
     if bad or not criteria:
         raise TexadError(f"method.selection.k_criteria={list(criteria)}: choose among {list(K_RULES)}")
     return list(criteria)
+
+
+# --- the whole choice, as the clustering method runs it ---------------------------------------------
+SELECTION_DEFAULTS: dict[str, Any] = {
+    "enabled": False, "families": list(TYPE_FAMILIES), "per_family": 8, "temperature": [], "layers": [],
+    "mining": [], "n_negatives": [], "epochs": [], "k_criteria": list(K_CRITERIA), "k_subsets": 3,
+}
+
+
+def check_selection(selection: dict | None, epochs: int) -> dict[str, Any]:
+    """method.selection with defaults filled in, checked (unknown keys, empty or out-of-range values)."""
+    given = dict(selection or {})
+    unknown = sorted(set(given) - set(SELECTION_DEFAULTS))
+    if unknown:
+        raise TexadError(f"method.selection: unknown keys {unknown}; expected some of {sorted(SELECTION_DEFAULTS)}")
+    sel = {**SELECTION_DEFAULTS, **given}
+    sel["enabled"] = bool(sel["enabled"])
+    sel["families"] = [str(f) for f in sel["families"]]
+    bad = [f for f in sel["families"] if f not in TYPE_FAMILIES]
+    if bad or len(sel["families"]) < 3:
+        raise TexadError(f"method.selection.families={sel['families']}: at least 3 of {list(TYPE_FAMILIES)}")
+    if int(sel["per_family"]) < 2:
+        raise TexadError(f"method.selection.per_family must be at least 2, got {sel['per_family']}")
+    sel["per_family"] = int(sel["per_family"])
+    sel["temperature"] = [float(t) for t in sel["temperature"]]
+    if any(t <= 0 for t in sel["temperature"]):
+        raise TexadError(f"method.selection.temperature: every τ must be positive, got {sel['temperature']}")
+    sel["layers"] = [tuple(int(i) for i in ls) for ls in sel["layers"]]
+    sel["mining"] = [dict(m) for m in sel["mining"]]
+    for m in sel["mining"]:
+        if "k" not in m or int(m["k"]) < 1 or set(m) - {"k", "mutual"}:
+            raise TexadError(f"method.selection.mining: each entry is {{k: >=1, mutual: bool}}, got {m}")
+    sel["n_negatives"] = [int(n) for n in sel["n_negatives"]]
+    if any(n < 1 for n in sel["n_negatives"]):
+        raise TexadError(f"method.selection.n_negatives must all be at least 1, got {sel['n_negatives']}")
+    sel["epochs"] = sorted({int(e) for e in sel["epochs"]})
+    if sel["enabled"] and any(e < 1 or e > int(epochs) for e in sel["epochs"]):
+        raise TexadError(f"method.selection.epochs={sel['epochs']} must lie in 1..method.epochs={epochs} "
+                         "(the trainer runs at most method.epochs)")
+    sel["k_criteria"] = check_criteria([str(c) for c in sel["k_criteria"]])
+    sel["k_subsets"] = int(sel["k_subsets"])
+    if sel["k_subsets"] < 1:
+        raise TexadError(f"method.selection.k_subsets must be at least 1, got {sel['k_subsets']}")
+    return sel
+
+
+def _same(row: dict[str, Any], setting: Any) -> bool:
+    """A candidate-table row describes this setting."""
+    return all(row[key] == value for key, value in asdict(setting).items())
+
+
+def choose_settings(model: ClusteringModel, val: Validation, source: str, configured: dict[str, Any],
+                    sel: dict[str, Any], options: dict[str, Any], training: dict[str, Any], k_criterion: str,
+                    k_min: int, k_max: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """τ, layers, mining, negatives, epochs and the k rules chosen on typed validation defects.
+
+    Returns the settings in use ({"head", "raw", "k_rule"}) and the record for metrics.json (the choice,
+    its validation NMI and every candidate)."""
+    raw, raw_table = choose_raw(model, val, configured["raw"], sel["temperature"], sel["layers"], options)
+    head, head_table, head_desc = choose_head(model, val, configured["head"], sel, options, training, seed)
+    raw_desc = setting_descriptors(model, val.features, val.maps, raw, options)
+    rules, rule_errors = {}, {}
+    for kind, desc in (("raw", raw_desc), ("head", head_desc)):
+        rules[kind], rule_errors[kind] = choose_k_rule(desc, val.types, sel["k_criteria"], k_criterion,
+                                                       k_min, k_max, sel["k_subsets"], seed)
+    best = {kind: max(r["nmi"] for r in table if _same(r, chosen))
+            for kind, table, chosen in (("raw", raw_table, raw), ("head", head_table, head))}
+    record = {
+        "status": "chosen on validation",
+        "families": sorted(set(val.types)), "images": len(val.types), "maps": source,
+        "chosen": {"head": asdict(head), "raw": asdict(raw), "k_rule": rules},
+        "val_nmi": {"head": best["head"], "raw": best["raw"],
+                    "raw_configured": raw_table[0]["nmi"]},
+        # not a switch: both are always reported; this says which one validation would trust
+        "validation_prefers": "head" if best["head"] > best["raw"] else "raw",
+        "k_rule_errors": rule_errors,
+        "candidates": {"raw": raw_table, "head": head_table},
+    }
+    log.info("clustering: chosen on %d validation images (%d families, %s maps): head %s (NMI %.3f), "
+             "raw %s (NMI %.3f), k rules %s", len(val.types), val.n_types, source, head, best["head"], raw,
+             best["raw"], rules)
+    return {"head": head, "raw": raw, "k_rule": rules}, record
