@@ -38,6 +38,7 @@ from texad.geometry import Grid, resample
 from texad.methods.components.fitted_state import FittedBuffers
 from texad.methods.components.gaussian import gaussian_blur2d
 from texad.methods.components.layers import select_layers
+from texad.methods.components.score_calibration import fold_of
 
 
 def random_channels(n_total: int, n_select: int, seed: int) -> torch.Tensor:
@@ -180,6 +181,44 @@ class PaDiMModel(FittedBuffers):
             m = (torch.bmm(delta, self.precision[lo:hi]) * delta).sum(-1)  # (Lc, B)
             out[:, lo:hi] = m.clamp_min(0).sqrt().t()
         return out.view(b, h, w)
+
+    def heldout_maps(self, embs: torch.Tensor, grid: Grid, size: tuple[int, int], mean: torch.Tensor,
+                     scatter: torch.Tensor, folds: int, max_images: int) -> torch.Tensor:
+        """Maps (M, H, W) of held-out training images for the image-score calibration (issue 32).
+
+        k-fold split of the training embeddings `embs` (N, d, h, w): fold f's images are scored against
+        Gaussians of the other folds, obtained exactly by removing fold f's mean and scatter from the
+        totals (`mean` (L, d), `scatter` (L, d, d) of all N images; Chan et al.'s update run backwards),
+        in float64, per chunk of locations.
+        """
+        n, _, h, w = embs.shape
+        x = self.locations(embs).float()  # (N, L, d)
+        fold = fold_of(n, folds)
+        per_fold = max(1, -(-int(max_images) // int(folds)))
+        d = x.shape[-1]
+        eye = torch.eye(d, dtype=torch.float64, device=x.device)
+        out = []
+        for f in range(int(folds)):
+            in_f = (fold == f).to(x.device)
+            n_a = int(in_f.sum())
+            n_b = n - n_a
+            held = in_f.nonzero().flatten()[:per_fold]
+            dist = x.new_empty(len(held), h * w)
+            for lo in range(0, h * w, self.chunk):
+                hi = min(h * w, lo + self.chunk)
+                xa = x[in_f, lo:hi].double().transpose(0, 1)  # (Lc, n_a, d)
+                mu_a = xa.mean(1)
+                centred = xa - mu_a[:, None]
+                mu_b = (n * mean[lo:hi].double() - n_a * mu_a) / n_b
+                delta = mu_a - mu_b
+                m_b = (scatter[lo:hi].double() - torch.bmm(centred.transpose(1, 2), centred)
+                       - (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :])
+                precision = torch.cholesky_inverse(torch.linalg.cholesky(m_b / (n_b - 1) + self.epsilon * eye))
+                diff = (x[held, lo:hi].double() - mu_b).transpose(0, 1)  # (Lc, M, d)
+                dist[:, lo:hi] = (torch.bmm(diff, precision) * diff).sum(-1).clamp_min(0).sqrt().t().float()
+            amap = resample(dist.view(len(held), h, w), grid, size)
+            out.append(gaussian_blur2d(amap, self.blur_sigma))
+        return torch.cat(out)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:
