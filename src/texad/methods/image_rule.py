@@ -22,6 +22,7 @@ fixes a rule instead: `official` is main's behaviour
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ class ImageRuleMixin:
         self.image_scorer = ImageScorer()
         self._rule_buffer: dict[str, list] = {}
         self._rule_record: dict[str, Any] = {}
+        self._rule_seconds = 0.0  # time spent choosing rules in this process (all validation passes)
 
     @property
     def image_rule_setting(self) -> str:
@@ -76,6 +78,7 @@ class ImageRuleMixin:
             return
         buf, self._rule_buffer = self._rule_buffer, {}
         setting = self.image_rule_setting
+        start = time.perf_counter()
         if not buf:
             self._rule_record = {"rule": self.image_scorer.rule_name, "setting": setting,
                                  "note": "no labelled validation images: rule not chosen"}
@@ -110,7 +113,10 @@ class ImageRuleMixin:
         metric.reset()
         metric.update(scores[chosen].float(), labels)
         self._typed_scores["val"] = list(zip(scores[chosen].tolist(), buf["types"]))
-        self._rule_record = {"rule": chosen, "setting": setting, "candidates": aurocs, "calibration": calibration}
+        seconds = time.perf_counter() - start
+        self._rule_seconds += seconds
+        self._rule_record = {"rule": chosen, "setting": setting, "candidates": aurocs, "calibration": calibration,
+                             "select_s": round(seconds, 4), "select_s_total": round(self._rule_seconds, 4)}
         log.info("image score rule: %s (validation AUROC %s)", chosen, aurocs)
 
     def image_rule_record(self, stage: str) -> dict[str, Any]:
