@@ -164,6 +164,10 @@ def test_rule_chosen_on_validation_is_recorded_and_evaluate_reproduces_it(tmp_pa
     assert chosen["candidates"][chosen["rule"]] == best
     assert record["val"]["image_auroc"] == pytest.approx(best)
     assert record["image_score"]["rule"] == chosen["rule"]
+    by_rule = record["image_score"]["test_by_rule"]  # a report of every rule on test, chosen by none
+    assert set(by_rule) == set(chosen["candidates"])
+    assert by_rule[chosen["rule"]]["image_auroc"] == pytest.approx(record["image_auroc"])
+    assert by_rule[chosen["rule"]]["image_f1_at_val"] == pytest.approx(record["image_f1_at_val"])
     state = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert state["image_scorer.stat_mean"].numel() == 6
     ev = evaluate(compose_cfg("evaluate", [f"ckpt_path={tmp_path}/a/checkpoints/last.ckpt", "logger=none"], tmp_path / "ev"))

@@ -29,7 +29,7 @@ import torch
 
 from texad.errors import TexadError
 from texad.methods.components.score_calibration import CALIBRATED, RULES, ImageScorer, choose_rule, cross_fitted
-from texad.metrics.functional import roc_auc
+from texad.metrics.functional import f1_at_threshold, image_scores, roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ImageRuleMixin:
         self._rule_buffer: dict[str, list] = {}
         self._rule_record: dict[str, Any] = {}
         self._rule_seconds = 0.0  # time spent choosing rules in this process (all validation passes)
+        self._val_thresholds: dict[str, float] = {}  # rule → its best-F1 threshold on validation
 
     @property
     def image_rule_setting(self) -> str:
@@ -70,10 +71,20 @@ class ImageRuleMixin:
             return score
         if setting != "auto":
             self.image_scorer.set_rule(setting)
+        if stage == "test" and labels is not None and bool((labels >= 0).all()) and self._val_thresholds:
+            # every rule's test scores, for the report `test_by_rule` (never used to choose anything)
+            buf = self._rule_buffer
+            for name, s in self.image_scorer.scores(amap.float(), score).items():
+                buf.setdefault(name, []).append(s)
+            buf.setdefault("labels", []).append(labels.detach().cpu())
         return self.image_scorer.score(amap.float(), score)
 
     def image_rule_select(self, stage: str) -> None:
-        """At the end of validation: score every rule, choose, and redo the validation image metrics."""
+        """At the end of validation: score every rule, choose, and redo the validation image metrics.
+        At the end of a test: report every rule's test AUROC, best F1 and F1 at its validation threshold."""
+        if stage == "test":
+            self._report_test_by_rule()
+            return
         if stage != "val":
             return
         buf, self._rule_buffer = self._rule_buffer, {}
@@ -107,6 +118,7 @@ class ImageRuleMixin:
             scores = {k: v for k, v in scorer.scores(maps, official, calib={}).items()}
             calibration = {"source": "none", "note": str(err)}
         aurocs = {name: float(roc_auc(s, labels)) for name, s in scores.items()}
+        self._val_thresholds = {name: float(image_scores(s, labels)["image_f1_threshold"]) for name, s in scores.items()}
         chosen = setting if setting != "auto" else choose_rule(aurocs, [r for r in RULES if r in aurocs])
         scorer.set_rule(chosen)
         metric = self.metrics["val_image"]
@@ -119,11 +131,29 @@ class ImageRuleMixin:
                              "select_s": round(seconds, 4), "select_s_total": round(self._rule_seconds, 4)}
         log.info("image score rule: %s (validation AUROC %s)", chosen, aurocs)
 
+    def _report_test_by_rule(self) -> None:
+        buf, self._rule_buffer = self._rule_buffer, {}
+        self._rule_record.pop("test_by_rule", None)
+        if not buf.get("labels"):
+            return
+        labels = torch.cat(buf["labels"]).long()
+        report = {}
+        for name, threshold in self._val_thresholds.items():
+            if name not in buf:
+                continue
+            s = torch.cat(buf[name])
+            best = image_scores(s, labels)
+            report[name] = {"image_auroc": best["image_auroc"], "image_f1": best["image_f1"],
+                            "image_f1_at_val": float(f1_at_threshold(s, labels, threshold))}
+        self._rule_record["test_by_rule"] = report
+
     def image_rule_record(self, stage: str) -> dict[str, Any]:
         """What metrics.json records as `image_score` for a stage."""
         if self.image_rule_setting == "official":
             return {"rule": "official", "setting": "official"}
-        if stage == "val" or self._rule_record:
+        if stage == "val":
+            return {k: v for k, v in self._rule_record.items() if k != "test_by_rule"}
+        if self._rule_record:
             return dict(self._rule_record)
         return {"rule": self.image_scorer.rule_name, "setting": self.image_rule_setting,
                 "calibration": {"source": self.image_scorer.source_name, "normal_maps": int(self.image_scorer.n_fit)}}
