@@ -189,7 +189,8 @@ class PaDiMModel(FittedBuffers):
         k-fold split of the training embeddings `embs` (N, d, h, w): fold f's images are scored against
         Gaussians of the other folds, obtained exactly by removing fold f's mean and scatter from the
         totals (`mean` (L, d), `scatter` (L, d, d) of all N images; Chan et al.'s update run backwards),
-        in float64, per chunk of locations.
+        per chunk of locations, in float32 (the training fit inverts in float64; these distances only feed
+        image-level statistics, and float32 is several times faster: the cost limits k).
         """
         n, _, h, w = embs.shape
         x = self.locations(embs).float()  # (N, L, d)
@@ -206,16 +207,19 @@ class PaDiMModel(FittedBuffers):
             dist = x.new_empty(len(held), h * w)
             for lo in range(0, h * w, self.chunk):
                 hi = min(h * w, lo + self.chunk)
-                xa = x[in_f, lo:hi].double().transpose(0, 1)  # (Lc, n_a, d)
+                xa = x[in_f, lo:hi].transpose(0, 1)  # (Lc, n_a, d)
                 mu_a = xa.mean(1)
                 centred = xa - mu_a[:, None]
-                mu_b = (n * mean[lo:hi].double() - n_a * mu_a) / n_b
+                mu_b = (n * mean[lo:hi] - n_a * mu_a) / n_b
                 delta = mu_a - mu_b
-                m_b = (scatter[lo:hi].double() - torch.bmm(centred.transpose(1, 2), centred)
-                       - (n_a * n_b / n) * delta[:, :, None] * delta[:, None, :])
-                precision = torch.cholesky_inverse(torch.linalg.cholesky(m_b / (n_b - 1) + self.epsilon * eye))
-                diff = (x[held, lo:hi].double() - mu_b).transpose(0, 1)  # (Lc, M, d)
-                dist[:, lo:hi] = (torch.bmm(diff, precision) * diff).sum(-1).clamp_min(0).sqrt().t().float()
+                # M_b = M − M_a − (n_a n_b / n) δδᵀ, then Σ_b = M_b / (n_b − 1) + εI (in place: few temporaries)
+                cov = torch.baddbmm(scatter[lo:hi], centred.transpose(1, 2), centred, alpha=-1.0)
+                cov.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=-(n_a * n_b / n))
+                cov.div_(n_b - 1).diagonal(dim1=1, dim2=2).add_(self.epsilon)
+                chol = torch.linalg.cholesky(cov)  # (x−μ)ᵀ Σ⁻¹ (x−μ) = ‖L⁻¹ (x−μ)‖²
+                diff = (x[held, lo:hi] - mu_b).permute(1, 2, 0)  # (Lc, d, M)
+                solved = torch.linalg.solve_triangular(chol, diff, upper=False)
+                dist[:, lo:hi] = solved.pow(2).sum(1).clamp_min(0).sqrt().t().float()
             amap = resample(dist.view(len(held), h, w), grid, size)
             out.append(gaussian_blur2d(amap, self.blur_sigma))
         return torch.cat(out)
