@@ -17,7 +17,7 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.padim.torch_model import GaussianStatistics, PaDiMModel
-from texad.methods.components.statistics_fit import StatisticsModule
+from texad.methods.components.statistics_fit import StatisticsModule, gather_in_image_order
 
 
 class PaDiM(StatisticsModule):
@@ -76,11 +76,11 @@ class PaDiM(StatisticsModule):
         calibration_s = time.perf_counter() - calibration_s
         self.model.finalize(stats, size)
         start = time.perf_counter()
-        if calibrate and sum(len(e) for e in embs) != images:
-            raise TexadError("PaDiM's k-fold calibration needs every training image on one process (not DDP): "
-                             "set method.image_rule=official or train on one device")
-        if calibrate:  # issue 32: Gaussians of the other folds score each fold's images
-            self.image_scorer.fit(self.model.heldout_maps(torch.cat(embs), grid, image_size, *totals,
+        if calibrate:  # issue 32: Gaussians of the other folds score each fold's images (all ranks: all images)
+            embs = gather_in_image_order(torch.cat(embs))
+            if len(embs) != images:
+                raise TexadError(f"PaDiM calibration: {len(embs)} training embeddings for {images} images")
+            self.image_scorer.fit(self.model.heldout_maps(embs, grid, image_size, *totals,
                                                           self.hparams.calibration_folds,
                                                           self.hparams.calibration_images), "train_kfold")
         return {"images": images, "locations": size[0] * size[1], "n_features": int(self.model.channels.numel()),
