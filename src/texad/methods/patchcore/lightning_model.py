@@ -71,7 +71,7 @@ class PatchCore(StatisticsModule):
         per_image = []
         for batch in batches:
             feats, grid = self.model.features(batch.image)  # (B, D, h, w)
-            cells, size = tuple(feats.shape[-2:]), tuple(batch.image.shape[-2:])
+            cells, image_hw = tuple(feats.shape[-2:]), tuple(batch.image.shape[-2:])
             per_image.append(feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1]).float())
         if not per_image:
             raise TexadError("PatchCore: no training images to build the memory bank from")
@@ -95,7 +95,7 @@ class PatchCore(StatisticsModule):
         coreset_s = time.perf_counter() - start
         start = time.perf_counter()
         if self.hparams.image_rule != "official":  # issue 32: k-fold held-out maps for the calibrated rules
-            self.image_scorer.fit(self.model.heldout_maps(images, patches, picks.cpu(), cells, grid, size,
+            self.image_scorer.fit(self.model.heldout_maps(images, patches, picks.cpu(), cells, grid, image_hw,
                                                           self.hparams.calibration_folds,
                                                           self.hparams.calibration_images), "train_kfold")
         return {
