@@ -4,7 +4,6 @@ chosen on validation and kept through evaluate.py."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
