@@ -12,7 +12,8 @@ on synthetic maps of the requested size; α re-fusion time per point where Sp-CF
 ``--fca-core`` adds the FCA core alone (``texad.methods.fca.FCA``, one image per call) on random
 feature maps of the sizes in ``FCA_CORE_CASES`` (official WRN50-2 layer2 maps, raw RGB, and
 efficientnet_lite0 maps), each in its own subprocess, with its peak extra memory; ``--device cuda``
-runs that part on a GPU. This is the one place for speed scripts (it replaced bench/fca_speed.py and
+runs that part on a GPU. ``--calibration`` instead times only the image-score calibration (issue 32) in a
+real training run per method (`measure_calibration`). This is the one place for speed scripts (it replaced bench/fca_speed.py and
 texad/methods/fca/bench.py).
 """
 
@@ -331,6 +332,35 @@ def measure_fca_core(channels: int, side: int, repeats: int, device: str = "cpu"
     return result
 
 
+def measure_calibration(method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str]) -> dict[str, Any]:
+    """Cost of the image-score calibration (issue 32) in one real training run on the embedded gravel set
+    (with validation images, which choose the rule): the k-fold held-out maps and their calibration
+    (memory-bank methods, inside the fit) plus the rule choice at the end of every validation pass
+    (validation cross-fitting for the others), as a fraction of the run's fit time (wall time for
+    methods without a fit). `select_s_total` includes the final validation pass after the fit, so the
+    fraction is an upper bound."""
+    from texad.pipeline import train
+
+    out = tempfile.mkdtemp(prefix="texad-bench-calibration-")
+    cfg = compose_train([
+        f"method={method}", "dataset=textures/gravel", f"dataset.generated_size={size}", f"dataset.image_size={size}",
+        f"dataset.n_train={n_train}", f"dataset.batch_size={batch}", f"dataset.eval_batch_size={batch}",
+        "logger=none", "trainer.enable_progress_bar=false", "eval_callbacks.test_outputs.max_overlays_per_type=0",
+        *([f"method.epochs={epochs}"] if method != "fca" else []), *extra, f"paths.output_dir={out}",
+    ])
+    record = train(cfg)
+    kfold_s = float((record.get("statistics") or {}).get("calibration_s") or 0.0)
+    select_s = float((record.get("val", {}).get("image_score") or {}).get("select_s_total") or 0.0)
+    base = record.get("fit_time_s") or record.get("wall_time_s")
+    return {
+        "method": method, "image_size": size, "n_train": n_train, "rule": (record.get("image_score") or {}).get("rule"),
+        "kfold_calibration_s": kfold_s, "rule_choice_s_total": select_s,
+        "fit_time_s": record.get("fit_time_s"), "wall_time_s": record.get("wall_time_s"),
+        "calibration_fraction": round((kfold_s + select_s) / base, 4) if base else None,
+        "fraction_of": "fit_time_s" if record.get("fit_time_s") else "wall_time_s",
+    }
+
+
 def _run_child(args: argparse.Namespace, what: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "texad.tools.bench", "--child", what, *args.passthrough]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -356,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="device of the --fca-core timings (methods follow trainer=)")
     p.add_argument("--patch-size", type=int, default=9, help="FCA patch size of the --fca-core timings")
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--calibration", action="store_true",
+                   help="only time the image-score calibration (issue 32) in a real training run of each method, as a "
+                        "fraction of its fit time (nothing else is measured)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.passthrough = [
@@ -369,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         kind, _, name = args.child.partition(":")
         if kind == "method":
             res = measure_method(name, args.size, args.n_train, args.batch, args.epochs, args.override, args.repeats)
+        elif kind == "calibration":
+            res = measure_calibration(name, args.size, args.n_train, args.batch, args.epochs, args.override)
         elif kind == "metrics":
             res = measure_metrics(args.metric_images, args.size)
         elif kind == "fca_core":
@@ -391,6 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     methods = [m for m in args.methods.split(",") if m]
     available = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    if args.calibration:  # only this measurement: one real training run per method
+        report["image_score_calibration"] = {
+            m: _run_child(args, f"calibration:{m}") if m in available else {"error": "not available"} for m in methods}
+        print(json.dumps(report, indent=2))
+        return
     for m in methods:
         report["methods"][m] = _run_child(args, f"method:{m}") if m in available else {"error": "not available"}
     if args.fca_core:

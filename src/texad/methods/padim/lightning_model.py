@@ -8,6 +8,7 @@ float summation order. Mean and precision matrices are buffers saved in the chec
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from texad.backbones import FeatureExtractor
 from texad.data.batch import Batch
 from texad.errors import TexadError
 from texad.methods.padim.torch_model import GaussianStatistics, PaDiMModel
-from texad.methods.statistics_module import StatisticsModule
+from texad.methods.statistics_module import StatisticsModule, gather_in_image_order
 
 
 class PaDiM(StatisticsModule):
@@ -37,6 +38,9 @@ class PaDiM(StatisticsModule):
         chunk_locations: int = 512,
         layer_resampling: str = "bilinear",
         seed: int = 0,
+        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        calibration_folds: int = 5,  # k-fold held-out training maps for the calibrated rules
+        calibration_images: int = 60,  # held-out images scored for them (at most)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -51,9 +55,13 @@ class PaDiM(StatisticsModule):
 
     def build_statistics(self, batches) -> dict[str, Any]:
         stats = GaussianStatistics(self.hparams.chunk_locations)
-        size = None
+        size, embs = None, []  # embs: kept for the k-fold held-out maps (issue 32)
+        calibrate = self.hparams.image_rule != "official"
         for batch in batches:
-            emb, _ = self.model.embedding(batch.image)
+            emb, grid = self.model.embedding(batch.image)
+            if calibrate:
+                embs.append(emb)
+                image_size = tuple(batch.image.shape[-2:])
             if size is None:
                 size = tuple(emb.shape[-2:])
             elif tuple(emb.shape[-2:]) != size:
@@ -63,8 +71,20 @@ class PaDiM(StatisticsModule):
             raise TexadError("PaDiM: no training images to fit the Gaussians to")
         stats.all_reduce()
         images = stats.count
+        calibration_s = time.perf_counter()
+        totals = (stats.mean.clone(), stats.scatter.clone()) if calibrate else None
+        calibration_s = time.perf_counter() - calibration_s
         self.model.finalize(stats, size)
-        return {"images": images, "locations": size[0] * size[1], "n_features": int(self.model.channels.numel())}
+        start = time.perf_counter()
+        if calibrate:  # issue 32: Gaussians of the other folds score each fold's images (all ranks: all images)
+            embs = gather_in_image_order(torch.cat(embs))
+            if len(embs) != images:
+                raise TexadError(f"PaDiM calibration: {len(embs)} training embeddings for {images} images")
+            self.image_scorer.fit(self.model.heldout_maps(embs, grid, image_size, *totals,
+                                                          self.hparams.calibration_folds,
+                                                          self.hparams.calibration_images), "train_kfold")
+        return {"images": images, "locations": size[0] * size[1], "n_features": int(self.model.channels.numel()),
+                "calibration_s": round(calibration_s + time.perf_counter() - start, 3)}
 
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:
         amap, score = self.model(batch.image)

@@ -38,6 +38,7 @@ from texad.geometry import Grid, resample
 from texad.methods.components.fitted_state import FittedBuffers
 from texad.methods.components.gaussian import gaussian_blur2d
 from texad.methods.components.layers import select_layers
+from texad.methods.components.score_calibration import fold_of
 
 
 def random_channels(n_total: int, n_select: int, seed: int) -> torch.Tensor:
@@ -180,6 +181,48 @@ class PaDiMModel(FittedBuffers):
             m = (torch.bmm(delta, self.precision[lo:hi]) * delta).sum(-1)  # (Lc, B)
             out[:, lo:hi] = m.clamp_min(0).sqrt().t()
         return out.view(b, h, w)
+
+    def heldout_maps(self, embs: torch.Tensor, grid: Grid, size: tuple[int, int], mean: torch.Tensor,
+                     scatter: torch.Tensor, folds: int, max_images: int) -> torch.Tensor:
+        """Maps (M, H, W) of held-out training images for the image-score calibration (issue 32).
+
+        k-fold split of the training embeddings `embs` (N, d, h, w): fold f's images are scored against
+        Gaussians of the other folds, obtained exactly by removing fold f's mean and scatter from the
+        totals (`mean` (L, d), `scatter` (L, d, d) of all N images; Chan et al.'s update run backwards),
+        per chunk of locations, in float32 (the training fit inverts in float64; these distances only feed
+        image-level statistics, and float32 is several times faster: the cost limits k).
+        """
+        n, _, h, w = embs.shape
+        x = self.locations(embs).float()  # (N, L, d)
+        fold = fold_of(n, folds)
+        per_fold = max(1, -(-int(max_images) // int(folds)))
+        d = x.shape[-1]
+        eye = torch.eye(d, dtype=torch.float64, device=x.device)
+        out = []
+        for f in range(int(folds)):
+            in_f = (fold == f).to(x.device)
+            n_a = int(in_f.sum())
+            n_b = n - n_a
+            held = in_f.nonzero().flatten()[:per_fold]
+            dist = x.new_empty(len(held), h * w)
+            for lo in range(0, h * w, self.chunk):
+                hi = min(h * w, lo + self.chunk)
+                xa = x[in_f, lo:hi].transpose(0, 1)  # (Lc, n_a, d)
+                mu_a = xa.mean(1)
+                centred = xa - mu_a[:, None]
+                mu_b = (n * mean[lo:hi] - n_a * mu_a) / n_b
+                delta = mu_a - mu_b
+                # M_b = M − M_a − (n_a n_b / n) δδᵀ, then Σ_b = M_b / (n_b − 1) + εI (in place: few temporaries)
+                cov = torch.baddbmm(scatter[lo:hi], centred.transpose(1, 2), centred, alpha=-1.0)
+                cov.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=-(n_a * n_b / n))
+                cov.div_(n_b - 1).diagonal(dim1=1, dim2=2).add_(self.epsilon)
+                chol = torch.linalg.cholesky(cov)  # (x−μ)ᵀ Σ⁻¹ (x−μ) = ‖L⁻¹ (x−μ)‖²
+                diff = (x[held, lo:hi] - mu_b).permute(1, 2, 0)  # (Lc, d, M)
+                solved = torch.linalg.solve_triangular(chol, diff, upper=False)
+                dist[:, lo:hi] = solved.pow(2).sum(1).clamp_min(0).sqrt().t().float()
+            amap = resample(dist.view(len(held), h, w), grid, size)
+            out.append(gaussian_blur2d(amap, self.blur_sigma))
+        return torch.cat(out)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fitted:

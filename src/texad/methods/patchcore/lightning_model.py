@@ -47,6 +47,9 @@ class PatchCore(StatisticsModule):
         blur_sigma: float = 4.0,
         distance_budget_mb: float = 256.0,
         seed: int = 0,
+        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        calibration_folds: int = 5,  # k-fold held-out training maps for the calibrated rules
+        calibration_images: int = 60,  # held-out images scored for them (at most)
     ) -> None:
         super().__init__()
         if not 0.0 < float(coreset_fraction) <= 1.0:
@@ -67,7 +70,8 @@ class PatchCore(StatisticsModule):
         start = time.perf_counter()
         per_image = []
         for batch in batches:
-            feats, _ = self.model.features(batch.image)  # (B, D, h, w)
+            feats, grid = self.model.features(batch.image)  # (B, D, h, w)
+            cells, image_hw = tuple(feats.shape[-2:]), tuple(batch.image.shape[-2:])
             per_image.append(feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1]).float())
         if not per_image:
             raise TexadError("PatchCore: no training images to build the memory bank from")
@@ -88,13 +92,20 @@ class PatchCore(StatisticsModule):
             picks = picks.to(patches.device)
             dist.broadcast(picks, 0)
         self.model.set_bank(patches, picks)
+        coreset_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if self.hparams.image_rule != "official":  # issue 32: k-fold held-out maps for the calibrated rules
+            self.image_scorer.fit(self.model.heldout_maps(images, patches, picks.cpu(), cells, grid, image_hw,
+                                                          self.hparams.calibration_folds,
+                                                          self.hparams.calibration_images), "train_kfold")
         return {
             "images": int(images.shape[0]),
             "patches": int(patches.shape[0]),
             "feature_dim": int(patches.shape[1]),
             "bank_size": int(picks.numel()),
             "features_s": round(features_s, 3),
-            "coreset_s": round(time.perf_counter() - start, 3),
+            "coreset_s": round(coreset_s, 3),
+            "calibration_s": round(time.perf_counter() - start, 3),
         }
 
     def predict_maps(self, batch: Batch) -> dict[str, torch.Tensor]:

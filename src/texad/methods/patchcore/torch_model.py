@@ -50,6 +50,7 @@ from texad.methods.components.fitted_state import FittedBuffers
 from texad.methods.components.gaussian import gaussian_blur2d
 from texad.methods.components.layers import select_layers
 from texad.methods.components.nearest import nearest_sq_distances
+from texad.methods.components.score_calibration import fold_splits
 
 
 # squared distances below ROUNDING·‖x‖² are float32 rounding noise of ‖x‖² − 2x·c + ‖c‖² (D·ε ≈ 1e-5)
@@ -181,6 +182,27 @@ class PatchCoreModel(FittedBuffers):
             scores = scores * self.reweighting(patches[rows], idx[rows, 0])
         maps = resample(dist.view(b, h, w), grid, tuple(images.shape[-2:]))
         return gaussian_blur2d(maps, self.blur_sigma), scores
+
+    def heldout_maps(self, images: torch.Tensor, patches: torch.Tensor, picks: torch.Tensor, cells: tuple[int, int],
+                     grid: Grid, size: tuple[int, int], folds: int, max_images: int) -> torch.Tensor:
+        """Maps (M, H, W) of held-out training images for the image-score calibration (issue 32).
+
+        k-fold split of the training images (`score_calibration.fold_splits`): fold f's images are scored
+        against the coreset entries that came from the other folds' images, so no image meets its own
+        patches. Deviation, for cost: the fold bank is the full coreset minus fold f's picks, not a
+        coreset selected anew on the other folds (k greedy selections would multiply the fit time);
+        held-out maps thus run slightly higher than with a re-selected bank.
+        """
+        n, hw, _ = images.shape
+        origin = picks.cpu() // hw
+        out = []
+        for held, keep in fold_splits(origin, n, folds, max_images):
+            bank = patches[picks[keep.to(picks.device)].to(patches.device)].float()
+            sq, _ = nearest_sq_distances(images[held.to(images.device)].reshape(-1, images.shape[-1]).float(),
+                                         bank, 1, self.budget_mb)
+            dist = sq[:, 0].sqrt().view(len(held), *cells)
+            out.append(gaussian_blur2d(resample(dist, grid, size), self.blur_sigma))
+        return torch.cat(out)
 
     def reweighting(self, test_patches: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Eq. 7's factor 1 − softmax(−)… : 1 − exp‖m − n*‖ / Σ_{n ∈ N_b(n*)} exp‖m − n‖ per image.
