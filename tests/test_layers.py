@@ -29,6 +29,7 @@ class Layer:
 # highest first; a module belongs to the first layer with a matching prefix (longest match wins below)
 LAYERS = (
     Layer("tools", ("texad.tools",)),
+    Layer("predict job", ("texad.predictor",)),  # predict.py's job: builds on the pipeline's checkpoint loading
     Layer("entry", ("texad.cli", "texad.pipeline")),
     Layer("callbacks", ("texad.writers", "texad.selection")),
     Layer("method packages", ("texad.methods.",)),  # texad.methods.<name>: one room per method
@@ -39,7 +40,7 @@ LAYERS = (
     Layer("utilities", ("texad.errors", "texad.outputs", "texad.artifacts", "texad.viz", "texad"), same_layer=True),
 )
 CONTRACT = "texad.methods.base"
-ABOVE_METHODS = ("entry", "callbacks")
+ABOVE_METHODS = ("predict job", "entry", "callbacks")
 
 
 def _matches(module: str, prefix: str) -> bool:

@@ -26,7 +26,7 @@ from texad.metrics.bootstrap import TestStatistics, collect_statistics, interval
 from texad.metrics.border import ratio_of_sums, ring_sums
 from texad.metrics.functional import roc_auc
 from texad.metrics.offset import defect_alignment, offset_record
-from texad.methods.image_rule import IMAGE_SCORER, ImageRuleMixin  # issue 32: the image-score rule
+from texad.methods.components.image_rule import IMAGE_SCORER, ImageRuleMixin  # the image-score rule
 
 BACKBONE_PREFIX = "model.backbone."
 
@@ -99,7 +99,7 @@ class AnomalyModule(ImageRuleMixin, L.LightningModule):
         self._alignment: dict[str, torch.Tensor] = {}  # stage → summed map/mask alignment scores (map_offset)
         self._test_items: list[tuple[str, str]] = []  # (path, defect type) of the test images in update order
         self.test_statistics: TestStatistics | None = None  # after a test pass: per-image bootstrap statistics
-        self._init_image_rule()  # issue 32: image_scorer, the rule chosen on validation (texad.methods.image_rule)
+        self._init_image_rule()  # image_scorer, the rule chosen on validation (texad.methods.components.image_rule)
 
     # --- hooks around fitting (e.g. Sp-CFA's cache of trained views) -----------------------------
     # They get the datamodule only: what a method needs from the run (cache dir, output dir, the run's
@@ -164,7 +164,7 @@ class AnomalyModule(ImageRuleMixin, L.LightningModule):
     # --- evaluation ----------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, stage: str) -> dict[str, Any]:
         out = self.predict_maps(batch)
-        # issue 32: the run's image-score rule (validation keeps the maps and chooses it at its end)
+        # the run's image-score rule (validation keeps the maps and chooses it at its end)
         out["pred_score"] = self.image_rule_step(stage, out["anomaly_map"], out["pred_score"], batch.label,
                                                  batch.defect_type)
         amap, score = out["anomaly_map"].float(), out["pred_score"].float()
@@ -191,11 +191,11 @@ class AnomalyModule(ImageRuleMixin, L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         out = self.predict_maps(batch)
-        out["pred_score"] = self.image_rule_step("predict", out["anomaly_map"], out["pred_score"], None)  # issue 32
+        out["pred_score"] = self.image_rule_step("predict", out["anomaly_map"], out["pred_score"], None)
         return {**out, "path": batch.path}
 
     def _compute(self, stage: str) -> None:
-        self.image_rule_select(stage)  # issue 32: choose the rule, redo validation's image metrics with it
+        self.image_rule_select(stage)  # choose the rule, redo validation's image metrics with it
         res: dict[str, Any] = {"image_score": self.image_rule_record(stage)}
         chosen = self.results.get("val", {}) if stage == "test" else {}
         for kind in ("pixel", "image"):
@@ -273,6 +273,6 @@ class AnomalyModule(ImageRuleMixin, L.LightningModule):
         """Load a texad checkpoint's state: everything but the frozen backbone must be present."""
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX) and not k.startswith("metrics.")
-                   and not k.startswith(IMAGE_SCORER + ".")]  # issue 32: older checkpoints have no image_scorer
+                   and not k.startswith(IMAGE_SCORER + ".")]  # older checkpoints have no image_scorer
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -12,7 +12,7 @@ on synthetic maps of the requested size; α re-fusion time per point where Sp-CF
 ``--fca-core`` adds the FCA core alone (``texad.methods.fca.FCA``, one image per call) on random
 feature maps of the sizes in ``FCA_CORE_CASES`` (official WRN50-2 layer2 maps, raw RGB, and
 efficientnet_lite0 maps), each in its own subprocess, with its peak extra memory; ``--device cuda``
-runs that part on a GPU. ``--calibration`` instead times only the image-score calibration (issue 32) in a
+runs that part on a GPU. ``--calibration`` instead times only the image-score calibration in a
 real training run per method (`measure_calibration`). This is the one place for speed scripts (it replaced bench/fca_speed.py and
 texad/methods/fca/bench.py).
 """
@@ -333,7 +333,7 @@ def measure_fca_core(channels: int, side: int, repeats: int, device: str = "cpu"
 
 
 def measure_calibration(method: str, size: int, n_train: int, batch: int, epochs: int, extra: list[str]) -> dict[str, Any]:
-    """Cost of the image-score calibration (issue 32) in one real training run on the embedded gravel set
+    """Cost of the image-score calibration in one real training run on the embedded gravel set
     (with validation images, which choose the rule): the k-fold held-out maps and their calibration
     (memory-bank methods, inside the fit) plus the rule choice at the end of every validation pass
     (validation cross-fitting for the others), as a fraction of the run's fit time (wall time for
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patch-size", type=int, default=9, help="FCA patch size of the --fca-core timings")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--calibration", action="store_true",
-                   help="only time the image-score calibration (issue 32) in a real training run of each method, as a "
+                   help="only time the image-score calibration in a real training run of each method, as a "
                         "fraction of its fit time (nothing else is measured)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

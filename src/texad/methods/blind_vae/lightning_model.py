@@ -92,7 +92,7 @@ class BlindVAEMethod(AnomalyModule):
         calibration: str = "none",  # conf/method/blind_vae.yaml: location
         calibration_sigma: float = 2.0,
         seed: int = 0,
-        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        image_rule: str = "auto",  # image-score rule (texad.methods.components.image_rule)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])

@@ -70,7 +70,7 @@ class CFA(AnomalyModule):
         loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
         distance_budget_mb: float = 256.0,
         seed: int = 0,
-        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        image_rule: str = "auto",  # image-score rule (texad.methods.components.image_rule)
         slic: dict | None = None,
         view_cache: bool = False,
         score: str = "softmin",

@@ -1,4 +1,4 @@
-"""Image scores calibrated on maps of held-out normal images (issue 32), and the rule chosen on validation.
+"""Image scores calibrated on maps of held-out normal images, and the rule chosen on validation.
 
 Why: a map's maximum mixes how anomalous a place is with how noisy the map is on that texture. A few
 per-map statistics, compared with their spread over maps of normal images the model was *not* fitted

@@ -63,7 +63,7 @@ class FCAMethod(AnomalyModule):
         normalize: str | None = "minmax",
         border: str = "valid",
         seed: int = 0,
-        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        image_rule: str = "auto",  # image-score rule (texad.methods.components.image_rule)
         epochs: int = 0,
     ) -> None:
         super().__init__()

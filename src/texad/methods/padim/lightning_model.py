@@ -38,7 +38,7 @@ class PaDiM(StatisticsModule):
         chunk_locations: int = 512,
         layer_resampling: str = "bilinear",
         seed: int = 0,
-        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        image_rule: str = "auto",  # image-score rule (texad.methods.components.image_rule)
         calibration_folds: int = 5,  # k-fold held-out training maps for the calibrated rules
         calibration_images: int = 60,  # held-out images scored for them (at most)
     ) -> None:
@@ -55,7 +55,7 @@ class PaDiM(StatisticsModule):
 
     def build_statistics(self, batches) -> dict[str, Any]:
         stats = GaussianStatistics(self.hparams.chunk_locations)
-        size, embs = None, []  # embs: kept for the k-fold held-out maps (issue 32)
+        size, embs = None, []  # embs: kept for the k-fold held-out maps
         calibrate = self.hparams.image_rule != "official"
         for batch in batches:
             emb, grid = self.model.embedding(batch.image)
@@ -76,7 +76,7 @@ class PaDiM(StatisticsModule):
         calibration_s = time.perf_counter() - calibration_s
         self.model.finalize(stats, size)
         start = time.perf_counter()
-        if calibrate:  # issue 32: Gaussians of the other folds score each fold's images (all ranks: all images)
+        if calibrate:  # Gaussians of the other folds score each fold's images (all ranks: all images)
             embs = gather_in_image_order(torch.cat(embs))
             if len(embs) != images:
                 raise TexadError(f"PaDiM calibration: {len(embs)} training embeddings for {images} images")

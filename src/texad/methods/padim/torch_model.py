@@ -184,7 +184,7 @@ class PaDiMModel(FittedBuffers):
 
     def heldout_maps(self, embs: torch.Tensor, grid: Grid, size: tuple[int, int], mean: torch.Tensor,
                      scatter: torch.Tensor, folds: int, max_images: int) -> torch.Tensor:
-        """Maps (M, H, W) of held-out training images for the image-score calibration (issue 32).
+        """Maps (M, H, W) of held-out training images for the image-score calibration.
 
         k-fold split of the training embeddings `embs` (N, d, h, w): fold f's images are scored against
         Gaussians of the other folds, obtained exactly by removing fold f's mean and scatter from the

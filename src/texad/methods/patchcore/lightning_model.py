@@ -47,7 +47,7 @@ class PatchCore(StatisticsModule):
         blur_sigma: float = 4.0,
         distance_budget_mb: float = 256.0,
         seed: int = 0,
-        image_rule: str = "auto",  # issue 32: image-score rule (texad.methods.image_rule)
+        image_rule: str = "auto",  # image-score rule (texad.methods.components.image_rule)
         calibration_folds: int = 5,  # k-fold held-out training maps for the calibrated rules
         calibration_images: int = 60,  # held-out images scored for them (at most)
     ) -> None:
@@ -94,7 +94,7 @@ class PatchCore(StatisticsModule):
         self.model.set_bank(patches, picks)
         coreset_s = time.perf_counter() - start
         start = time.perf_counter()
-        if self.hparams.image_rule != "official":  # issue 32: k-fold held-out maps for the calibrated rules
+        if self.hparams.image_rule != "official":  # k-fold held-out maps for the calibrated rules
             self.image_scorer.fit(self.model.heldout_maps(images, patches, picks.cpu(), cells, grid, image_hw,
                                                           self.hparams.calibration_folds,
                                                           self.hparams.calibration_images), "train_kfold")

@@ -185,7 +185,7 @@ class PatchCoreModel(FittedBuffers):
 
     def heldout_maps(self, images: torch.Tensor, patches: torch.Tensor, picks: torch.Tensor, cells: tuple[int, int],
                      grid: Grid, size: tuple[int, int], folds: int, max_images: int) -> torch.Tensor:
-        """Maps (M, H, W) of held-out training images for the image-score calibration (issue 32).
+        """Maps (M, H, W) of held-out training images for the image-score calibration.
 
         k-fold split of the training images (`score_calibration.fold_splits`): fold f's images are scored
         against the coreset entries that came from the other folds' images, so no image meets its own

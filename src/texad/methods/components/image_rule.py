@@ -1,4 +1,4 @@
-"""The image-score rule of every localizer, chosen per run on validation image AUROC (issue 32).
+"""The image-score rule of every localizer, chosen per run on validation image AUROC.
 
 `AnomalyModule` inherits this mixin; it needs three hooks there: `_eval_step` passes each batch's map
 and the method's own score through `image_rule_step`, `_compute` calls `image_rule_select(stage)` first
