@@ -32,8 +32,8 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str | Path, image_path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """bool (H,W) mask that must match its image's size at the original resolution."""
+def read_mask_levels(path: str | Path, image_path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """uint8 (H,W) grey levels of a mask file, which must match its image's size at the original resolution."""
     arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if arr is None:
         raise TexadError(f"cannot read mask {str(path)!r}: corrupt or not an image file")
@@ -42,7 +42,12 @@ def read_mask(path: str | Path, image_path: str | Path, image_shape: tuple[int, 
             f"mask {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} but its image {str(image_path)!r} is "
             f"{image_shape[1]}x{image_shape[0]} (width x height); they must be equal"
         )
-    return arr > 0
+    return arr
+
+
+def read_mask(path: str | Path, image_path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """bool (H,W) mask: a pixel > 0 is defective."""
+    return read_mask_levels(path, image_path, image_shape) > 0
 
 
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -115,14 +120,7 @@ def mask_levels(path: str | Path, image_path: str | Path, image_shape: tuple[int
     The rule that binarises a mask (`read_mask`): a pixel > 0 is defective. Binary means at most two
     grey levels, one of them 0 (e.g. 0/255 or 0/1).
     """
-    arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if arr is None:
-        raise TexadError(f"cannot read mask {str(path)!r}: corrupt or not an image file")
-    if arr.shape[:2] != tuple(image_shape):
-        raise TexadError(
-            f"mask {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} but its image {str(image_path)!r} is "
-            f"{image_shape[1]}x{image_shape[0]} (width x height); they must be equal"
-        )
+    arr = read_mask_levels(path, image_path, image_shape)
     defect = arr > 0
     count = int(np.count_nonzero(defect))
     binary = count == 0 or bool((arr[defect] == arr[defect][0]).all())
