@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY
 
-NOT_COMPARED = {"wall_time_s", "fit_time_s", "feature_cache", "validation_feature_cache"}
+NOT_COMPARED = {"wall_time_s", "fit_time_s", "image_rule_time_s", "feature_cache", "validation_feature_cache"}
 CONFIG = [o for o in TINY if not o.startswith("method.epochs")] + [
-    "method.epochs=1", "dataset.cache_features=true", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
+    "method.epochs=1", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
 
 
 def start(cache: Path, run: Path) -> subprocess.Popen:

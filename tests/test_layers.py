@@ -31,19 +31,24 @@ LAYERS = (
     Layer("tools", ("texad.tools",)),
     Layer("predict job", ("texad.predictor",)),  # predict.py's job: builds on the pipeline's checkpoint loading
     Layer("entry", ("texad.cli", "texad.pipeline")),
-    Layer("callbacks", ("texad.writers", "texad.selection")),
+    Layer("callbacks", ("texad.writers", "texad.selection", "texad.resume")),
     Layer("method packages", ("texad.methods.",)),  # texad.methods.<name>: one room per method
     Layer("method bases", ("texad.methods.statistics_module",)),
     Layer("method contract", ("texad.methods.base", "texad.methods")),
     Layer("components", ("texad.methods.components",)),
-    Layer("foundations", ("texad.backbones", "texad.geometry", "texad.data", "texad.metrics"), same_layer=True),
-    Layer("utilities", ("texad.errors", "texad.outputs", "texad.artifacts", "texad.viz", "texad"), same_layer=True),
+    Layer("foundations", ("texad.backbones", "texad.feature_store", "texad.geometry", "texad.data", "texad.metrics"),
+          same_layer=True),
+    # no catch-all: a new top-level module must be placed in a layer here
+    Layer("utilities", ("texad.errors", "texad.outputs", "texad.artifacts", "texad.viz"), same_layer=True),
+    Layer("package", ("texad$",)),  # texad/__init__.py alone: a bare `import texad` (the version)
 )
 CONTRACT = "texad.methods.base"
 ABOVE_METHODS = ("predict job", "entry", "callbacks")
 
 
 def _matches(module: str, prefix: str) -> bool:
+    if prefix.endswith("$"):  # this module alone
+        return module == prefix[:-1]
     if prefix.endswith("."):
         return module.startswith(prefix)
     return module == prefix or module.startswith(prefix + ".")
@@ -129,3 +134,11 @@ def test_the_check_sees_each_kind_of_violation(tmp_path):
     assert "texad/data/__init__.py:1" in found[0] and "upward" in found[0]
     assert "texad/methods/a/__init__.py:1" in found[1] and "texad.methods.b" in found[1] and "sibling" in found[1]
     assert "texad/pipeline.py:1" in found[2] and "only texad.methods.base" in found[2]
+
+
+def test_a_module_in_no_layer_must_be_placed():
+    import pytest
+
+    with pytest.raises(AssertionError, match="place it"):
+        layer_of("texad.some_new_module")
+    assert layer_of("texad")[0] == len(LAYERS) - 1  # the package itself, and nothing else, is the bottom

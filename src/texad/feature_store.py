@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from texad.errors import TexadError
+from texad.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class FeatureStore:
         self._memory_used = 0
         self._disk_used: int | None = None  # bytes on disk at the last scan plus what was written since
         self.hits_memory = self.hits_disk = self.misses = 0
+        self._write_failed = False  # warned once that entries cannot be stored
 
     # --- lookup ----------------------------------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -85,6 +86,12 @@ class FeatureStore:
 
         `network` identifies the network (`FrozenLayers.store_identity`); the result is on `images`' device.
         """
+        # the same input on another device type or under autocast gives other bits: another entry
+        device = images.device.type
+        if torch.is_autocast_enabled(device):
+            network = f"{network}|{device}|autocast-{torch.get_autocast_dtype(device)}"
+        elif device != "cpu":
+            network = f"{network}|{device}"
         keys = [self.key(network, image) for image in images]
         found: dict[int, list[torch.Tensor]] = {}
         for i, key in enumerate(keys):
@@ -126,7 +133,7 @@ class FeatureStore:
 
     def _remember(self, key: str, entry: list[torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in entry)
-        if size > self.memory_bytes:
+        if key in self._memory or size > self.memory_bytes:  # an input twice in one batch is counted once
             return
         self._memory[key] = entry
         self._memory_used += size
@@ -137,15 +144,13 @@ class FeatureStore:
     # --- disk --------------------------------------------------------------------------------------
     def _write(self, key: str, entry: list[torch.Tensor]) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        try:  # temp file + os.replace, with the umask's mode (a colleague's run reads it)
+            atomic_write(path, lambda tmp: torch.save(entry, tmp))
+        except TexadError as err:  # a full or read-only cache folder costs speed, not the run
+            if not self._write_failed:
+                log.warning("feature cache: %s; features are computed but no longer stored", err)
+            self._write_failed = True
+            return
         if self._disk_used is None:
             self._disk_used = self.size_bytes()
         else:

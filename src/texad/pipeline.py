@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from texad.errors import TexadError
 from texad.feature_store import attach_store
-from texad.methods.base import AnomalyModule
+from texad.methods.base import IMAGE_SCORER, AnomalyModule
 from texad.metrics.bootstrap import STATISTICS_FILE
 from texad.metrics.reasons import null_reasons
 from texad.outputs import METRIC_KEYS, atomic_write, read_torch_file, write_json
@@ -190,6 +190,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_untrained_checkpoint(method, ckpt_dir / LAST_CKPT)
     results = run_evaluation(cfg, datamodule, method, loggers)
+    store_image_rule(method, checkpoint_file(out_dir))
+    # seconds this process spent choosing the image-score rule (every validation pass; a timing, like fit_time_s)
+    fit_info["image_rule_time_s"] = round(float(getattr(method, "image_rule_seconds", 0.0)), 4)
     record = metrics_record(cfg, results, time.time() - start, {**(getattr(method, "fit_info", None) or {}), **fit_info})
     explain_nulls(record, datamodule)
     write_statistics(method, out_dir)
@@ -217,6 +220,18 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def store_image_rule(method: AnomalyModule, path: Path) -> None:
+    """The image-score rule and calibration the evaluation chose on validation, into the checkpoint that
+    evaluate.py and predict.py load: predict has no validation pass to choose them again, and its image
+    threshold is the validation threshold of that rule."""
+    state = {k: v for k, v in method.state_dict().items() if k.startswith(IMAGE_SCORER + ".")}
+    if not state or not path.is_file():
+        return
+    checkpoint = read_torch_file(path, "checkpoint", weights_only=False)
+    checkpoint["state_dict"].update({k: v.detach().cpu() for k, v in state.items()})
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def save_untrained_checkpoint(method: AnomalyModule, path: Path) -> None:

@@ -121,6 +121,8 @@ class Predictor:
         if batch.superpixels is not None:
             batch.superpixels = batch.superpixels.to(self.device)
         out = self.method.predict_maps(batch)
+        # the image score under the rule the run chose on validation (its threshold belongs to that rule)
+        out["pred_score"] = self.method.image_rule_step("predict", out["anomaly_map"], out["pred_score"], None)
         return out["anomaly_map"].float().cpu().numpy(), out["pred_score"].float().cpu().reshape(-1).numpy()
 
 

@@ -337,7 +337,7 @@ def measure_calibration(method: str, size: int, n_train: int, batch: int, epochs
     (with validation images, which choose the rule): the k-fold held-out maps and their calibration
     (memory-bank methods, inside the fit) plus the rule choice at the end of every validation pass
     (validation cross-fitting for the others), as a fraction of the run's fit time (wall time for
-    methods without a fit). `select_s_total` includes the final validation pass after the fit, so the
+    methods without a fit). `image_rule_time_s` includes the final validation pass after the fit, so the
     fraction is an upper bound."""
     from texad.pipeline import train
 
@@ -350,7 +350,7 @@ def measure_calibration(method: str, size: int, n_train: int, batch: int, epochs
     ])
     record = train(cfg)
     kfold_s = float((record.get("statistics") or {}).get("calibration_s") or 0.0)
-    select_s = float((record.get("val", {}).get("image_score") or {}).get("select_s_total") or 0.0)
+    select_s = float(record.get("image_rule_time_s") or 0.0)
     base = record.get("fit_time_s") or record.get("wall_time_s")
     return {
         "method": method, "image_size": size, "n_train": n_train, "rule": (record.get("image_score") or {}).get("rule"),

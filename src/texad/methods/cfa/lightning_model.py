@@ -274,8 +274,10 @@ class CFA(AnomalyModule):
         return trainer is not None and trainer.state.fn in ("validate", "test")
 
     def _maps_key(self, view: str, split: str) -> str:
-        # "maps-2": a superpixel view's cached map is (2,H,W): unsmoothed, and blurred in mosaic coordinates
-        return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split, "maps-2"])
+        # "maps-3": a superpixel view's cached map is (2,H,W): unsmoothed, and blurred in mosaic coordinates
+        # with blur_sigma (so the key holds it: a run that changes only blur_sigma must not reuse the maps)
+        return digest([self.view_keys[view], state_digest(self.model.heads[view].state_dict()), split, "maps-3",
+                       float(self.hparams.blur_sigma)])
 
     def _start_split(self, split: str) -> None:
         self._split = split if self._evaluating() else None
