@@ -410,6 +410,13 @@ def refuse_method(method: Any, results: dict[str, Any], fusion_cfg: Mapping[str,
         for name, split in (("val", val), ("test", test)):
             split["views"] = view_records(outputs[name], float(method.hparams.blur_sigma), result.blur_order, rule)
             split["blur_order"] = result.blur_order
+    # the re-fused image scores use the method's own rule; the rule chosen on validation belongs to the
+    # trained α (kept under test_at_trained_alpha): say which rule each figure used
+    refused_rule = {"rule": "official", "setting": "official", "image_score": list(rule),
+                    "note": "alpha re-fusion scores images with method.image_score; the validation-chosen "
+                            "rule (method.image_rule) is not re-chosen for the re-fused maps"}
+    for split in (val, test):
+        split["image_score"] = refused_rule
     results["val"], results["test"] = val, test
     return record
 
