@@ -20,7 +20,7 @@ NOT_COMPARED = {"wall_time_s", "fit_time_s", "image_rule_time_s", "feature_cache
 CFA = [o for o in TINY if not o.startswith("method.epochs")] + [
     "method.epochs=3", "eval_callbacks.test_outputs.max_overlays_per_type=0"]
 BLIND_VAE = [o for o in TINY if not o.startswith("method.epochs")] + [
-    "method=blind_vae", "setting=blind", "method.feature_input_size=128", "method.max_steps=9",  # 3 steps an epoch
+    "method=blind_vae", "setting=blind", "method.feature_input_size=128", "method.max_steps=30",  # 3 steps an epoch: 10 epochs, so a signal sent after epoch 1 lands inside the fit
     "eval_callbacks.test_outputs.max_overlays_per_type=0"]
 
 
