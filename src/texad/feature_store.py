@@ -154,7 +154,10 @@ class FeatureStore:
         if self._disk_used is None:
             self._disk_used = self.size_bytes()
         else:
-            self._disk_used += path.stat().st_size
+            try:
+                self._disk_used += path.stat().st_size
+            except FileNotFoundError:  # another process evicted or cleared it meanwhile
+                pass
         if self._disk_used > self.max_bytes:
             self.evict()
 

@@ -72,8 +72,42 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     last = ckpt_dir / LAST_CKPT
     if cfg.get("resume", True) and last.is_file():
         check_checkpoint_file(last, "resume=true")
+        check_same_settings(cfg, last)
         return str(last)
     return None
+
+
+#: what decides a run's numbers, compared before a run dir's last.ckpt is resumed (paths may move)
+RESUMED_SECTIONS = ("seed", "method", "backbone", "dataset")
+PATH_KEYS = ("root", "cache_dir", "geometry_cache", "checkpoint")
+#: a resumed run may train longer than it was first told to (the fit goes on from where it stopped)
+MAY_GROW = ("method.epochs", "method.max_steps")
+
+
+def check_same_settings(cfg: DictConfig, last: Path) -> None:
+    """Resuming a run dir's last.ckpt under other settings (another lr, epochs, set) would silently mix
+    two runs: refuse it, naming what differs."""
+    _, saved = load_checkpoint_config(last)
+    now = OmegaConf.to_container(cfg, resolve=True)
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                if key not in PATH_KEYS:
+                    out.update(flat(item, f"{prefix}.{key}"))
+            return out
+        return {prefix: value}
+
+    differ = []
+    for section in RESUMED_SECTIONS:
+        before, after = flat(saved.get(section), section), flat(now.get(section), section)
+        differ += [f"{k}: {before.get(k, '(unset)')!r} → {after.get(k, '(unset)')!r}"
+                   for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and k not in MAY_GROW]
+    if differ:
+        shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise TexadError(f"resume=true: {str(last)!r} was written by a run with other settings ({shown}); "
+                         f"use another hydra.run.dir, or resume=false to train afresh in this one")
 
 
 def check_checkpoint_file(path: Path, key: str) -> None:
