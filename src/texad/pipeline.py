@@ -48,7 +48,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, AnomalyModule]:
     output_dir = cfg.paths.get("output_dir")
     method.output_dir = Path(str(output_dir)) if output_dir else None
     method.attach_views(datamodule, cache_dir=str(cfg.paths.cache_dir), output_dir=method.output_dir,
-                        run_description=method.describe_run(OmegaConf.to_container(cfg, resolve=True)))
+                        run_description=method.describe_run(method.texad_config))
     return datamodule, method
 
 
